@@ -1,0 +1,142 @@
+"""The erllama exception hierarchy.
+
+Every error a user can cause or the runtime can suffer is an :class:`ErllamaError`
+subclass whose message names the problem and the offending value. This module imports
+nothing from the compiled extension, so callers can catch these errors before (or
+without) the native layer being built.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ErllamaError",
+    "ModelNotFound",
+    "AlreadyLoaded",
+    "AlreadyStarted",
+    "LoadFailed",
+    "MalformedGGUF",
+    "ContextFailed",
+    "ModelCrashed",
+    "ContextOverflow",
+    "BatchOverflow",
+    "InvalidToken",
+    "EmptyPrompt",
+    "InvalidContent",
+    "NoChatTemplate",
+    "TemplateError",
+    "GrammarError",
+    "NotSupported",
+    "Released",
+    "SessionBusy",
+    "ConfigError",
+    "InvalidParameter",
+    "CacheError",
+    "DecodeFailed",
+    "Aborted",
+    "NoLogits",
+    "StateError",
+]
+
+
+class ErllamaError(Exception):
+    """Base class of every erllama error."""
+
+
+class ModelNotFound(ErllamaError, LookupError):
+    """No model is loaded under the given id."""
+
+
+class AlreadyLoaded(ErllamaError):
+    """A model is already loaded under the given id."""
+
+
+class AlreadyStarted(ErllamaError):
+    """The application is running with a configuration that conflicts with the request."""
+
+
+class LoadFailed(ErllamaError):
+    """A model or adapter could not be loaded (out of memory, I/O error, unsupported file)."""
+
+
+class MalformedGGUF(LoadFailed):
+    """The file is not a valid GGUF, or its contents are inconsistent."""
+
+
+class ContextFailed(ErllamaError):
+    """llama.cpp refused to create a context with the given parameters."""
+
+
+class ModelCrashed(ErllamaError):
+    """The model's actor or worker process died while the request was in flight."""
+
+
+class ContextOverflow(ErllamaError, ValueError):
+    """The tokens do not fit in the sequence's context window."""
+
+
+class BatchOverflow(ErllamaError, ValueError):
+    """More tokens were submitted in one step than the context's ``n_batch`` allows."""
+
+
+class InvalidToken(ErllamaError, ValueError):
+    """A token id is negative or not below the model's vocabulary size."""
+
+
+class EmptyPrompt(ErllamaError, ValueError):
+    """A prompt or a batch row holds no tokens."""
+
+
+class InvalidContent(ErllamaError, TypeError):
+    """A chat message has a role or content that is not a string."""
+
+
+class NoChatTemplate(ErllamaError):
+    """The model has no chat template and no fallback template was named."""
+
+
+class TemplateError(ErllamaError):
+    """llama.cpp could not apply the chat template (unknown name or unsupported Jinja)."""
+
+
+class GrammarError(ErllamaError, ValueError):
+    """The GBNF grammar does not parse."""
+
+
+class NotSupported(ErllamaError):
+    """The operation is not supported by this model, backend or build."""
+
+
+class Released(ErllamaError):
+    """The native object was freed; it cannot be used any more."""
+
+
+class SessionBusy(ErllamaError):
+    """The sticky session is serving another request."""
+
+
+class ConfigError(ErllamaError, ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+class InvalidParameter(ConfigError):
+    """A call parameter is invalid; the message names the parameter and the value."""
+
+
+class CacheError(ErllamaError):
+    """A KV-cache operation failed."""
+
+
+class DecodeFailed(ErllamaError):
+    """``llama_decode`` failed; the sequences involved were rolled back to their state before the step."""
+
+
+class Aborted(DecodeFailed):
+    """A decode was interrupted by the context's abort flag (cancel)."""
+
+
+class NoLogits(ErllamaError):
+    """Sampling was asked of a sequence that produced no logits in the last step."""
+
+
+class StateError(ErllamaError):
+    """A sequence state blob could not be read or written."""

@@ -1,0 +1,115 @@
+# Shared helpers: live-object counters, token conversion, paths, CRC32C, load-failure
+# classification.
+
+cdef dict _live = {"Model": 0, "Context": 0, "Sampler": 0, "Adapter": 0}
+_live_lock = threading.Lock()
+
+cdef Py_ssize_t MAX_TOKENS = 1 << 24        # a prompt longer than this is an error, not an allocation
+cdef Py_ssize_t MAX_TEXT_BYTES = 1 << 28    # llama_tokenize takes an int32 length
+cdef Py_ssize_t NOGIL_TEXT_BYTES = 4096
+
+
+cdef inline void _live_add(str kind, int delta):
+    with _live_lock:
+        _live[kind] += delta
+
+
+def live_objects():
+    """How many native wrappers of each kind hold a live llama.cpp pointer (for leak checks)."""
+    with _live_lock:
+        return dict(_live)
+
+
+cdef int _fill_tokens(object tokens, vector[L.llama_token] & out, int32_t n_vocab, str what) except -1:
+    """Copy a sequence of token ids into ``out``, checking each against the vocabulary."""
+    cdef Py_ssize_t i = 0
+    cdef long long t
+    out.clear()
+    try:
+        n = len(tokens)
+    except TypeError:
+        raise errors.InvalidToken(f"{what} must be a sequence of token ids, got {type(tokens).__name__}") from None
+    if n > MAX_TOKENS:
+        raise errors.ContextOverflow(f"{what} holds {n} tokens, more than the limit of {MAX_TOKENS}")
+    out.reserve(n)
+    for tok in tokens:
+        try:
+            t = tok
+        except (TypeError, OverflowError):
+            raise errors.InvalidToken(
+                f"{what}[{i}] = {tok!r} is not a token id (an int in [0, {n_vocab}))") from None
+        if t < 0 or t >= n_vocab:
+            raise errors.InvalidToken(f"{what}[{i}] = {t} is outside the vocabulary [0, {n_vocab})")
+        out.push_back(<L.llama_token>t)
+        i += 1
+    return 0
+
+
+cdef bytes _fs_path(object path, str what):
+    try:
+        b = os.fsencode(path)
+    except TypeError:
+        raise errors.InvalidParameter(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}") from None
+    if not b or b"\0" in b or len(b) > 4096:
+        raise errors.InvalidParameter(f"{what} {path!r} is empty, too long or contains NUL")
+    st = os.stat(b)   # FileNotFoundError / PermissionError propagate as they are
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.MalformedGGUF(f"{what} {os.fsdecode(b)!r} is not a regular file")
+    return b
+
+
+def crc32c(data, unsigned int crc=0):
+    """CRC32C (Castagnoli) of a bytes-like object; pass a previous result as ``crc`` to continue."""
+    cdef const unsigned char[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0]
+    cdef const unsigned char * p = &view[0] if n else NULL
+    cdef uint32_t r
+    if n > 65536:
+        with nogil:
+            r = L.erl_crc32c(crc, p, n)
+    else:
+        r = L.erl_crc32c(crc, p, n)
+    return r
+
+
+_MEMORY_WORDS = ("out of memory", "failed to allocate", "unable to allocate", "cannot allocate",
+                 "bad_alloc", "mmap failed", "failed to mmap", "mlock")
+_MALFORMED_WORDS = ("gguf", "magic", "key-value", "tensor", "vocab", "architecture", "hparam",
+                    "failed to read", "file bounds", "wrong", "missing", "invalid", "unknown",
+                    "unsupported", "corrupt", "key not found", "shape", "version", "alignment",
+                    "overflow", "out of range", "too many", "n_dims", "type")
+
+
+def classify_load_failure(path, lines, what="model"):
+    """Turn the llama.cpp log lines of a failed load into ``MalformedGGUF`` or ``LoadFailed``.
+
+    Allocation and mapping failures are ``LoadFailed``; a loader complaint about the file's
+    format or contents is ``MalformedGGUF``; anything else is ``LoadFailed``. The message
+    carries the most specific log line.
+    """
+    lines = [ln.strip() for ln in lines if ln and ln.strip()]
+    reason = next((ln for ln in reversed(lines) if "error loading" in ln), None) or (lines[-1] if lines else "no log output")
+    text = " ".join(lines).lower()
+    first = next((ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()), reason)
+    detail = reason if first == reason else f"{first}; {reason}"
+    if any(w in text for w in _MEMORY_WORDS):
+        return errors.LoadFailed(f"failed to load {what} {path!r}: {detail}")
+    if any(w in text for w in _MALFORMED_WORDS):
+        return errors.MalformedGGUF(f"{path!r} is not a valid GGUF {what}: {detail}")
+    return errors.LoadFailed(f"failed to load {what} {path!r}: {detail}")
+
+
+cdef inline int _check_int(object value, str name, long long lo, long long hi) except -1:
+    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
+        raise errors.InvalidParameter(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return 0
+
+
+cdef inline int _check_choice(object value, str name, dict choices) except -1:
+    try:
+        ok = value in choices
+    except TypeError:
+        ok = False
+    if not ok:
+        raise errors.InvalidParameter(f"{name} must be one of {sorted(map(str, choices))}, got {value!r}")
+    return 0

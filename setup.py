@@ -1,0 +1,271 @@
+"""Build erllama: fetch the pinned llama.cpp, build it static + PIC, link one Cython module.
+
+Environment:
+  ERLLAMA_LLAMA_CPP_DIR  use this llama.cpp tree instead of fetching the pinned sdist
+  ERLLAMA_CMAKE_ARGS     extra CMake arguments (shell-quoted), e.g. "-DGGML_CUDA=ON"
+  ERLLAMA_LINK_ARGS      extra linker arguments for the extension (e.g. "-lcuda -lcudart")
+  ERLLAMA_BUILD_CACHE    where built llama.cpp libraries are cached
+                         (default: $XDG_CACHE_HOME/erllama-build or ~/.cache/erllama-build)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEPS = ROOT / "deps"
+LLAMA_DIR = DEPS / "llama.cpp"
+
+SDIST_PACKAGE = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_PREFIX = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+SKIP_DIRS = ("models/", "docs/", "tools/ui/", "media/", ".github/", ".devops/")
+
+BASE_CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",
+    "-DLLAMA_BUILD_COMMON=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DGGML_NATIVE=ON",
+    # Measured (bench/native_speed.py): ggml's own thread pool decodes from a
+    # dedicated non-main thread without the libgomp team penalty.
+    "-DGGML_OPENMP=OFF",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[erllama-build] {msg}", file=sys.stderr, flush=True)
+
+
+class BuildError(RuntimeError):
+    """A step of the llama.cpp build failed; the message says which and why."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("ERLLAMA_BUILD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "erllama-build"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist() -> Path:
+    """Return the verified pinned sdist, downloading it into the cache when absent."""
+    src_dir = cache_root() / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    path = src_dir / SDIST_FILE
+    if not path.exists():
+        log(f"downloading {SDIST_PACKAGE}=={SDIST_VERSION} sdist (llama.cpp source)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--no-binary", SDIST_PACKAGE, f"{SDIST_PACKAGE}=={SDIST_VERSION}",
+               "-d", str(src_dir)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not path.exists():
+            raise BuildError(
+                f"could not download {SDIST_PACKAGE}=={SDIST_VERSION}: {res.stderr.strip()[-2000:]}\n"
+                "Set ERLLAMA_LLAMA_CPP_DIR to an existing llama.cpp tree to build without it.")
+    got = sha256_file(path)
+    if got != SDIST_SHA256:
+        bad = path.with_suffix(".mismatch")
+        path.replace(bad)
+        raise BuildError(
+            f"sha256 mismatch for {path.name}: expected {SDIST_SHA256}, got {got}; "
+            f"the file was moved to {bad}. Refusing to build from an unverified source.")
+    return path
+
+
+def extract_llama(sdist: Path) -> None:
+    """Extract only vendor/llama.cpp from the sdist into deps/llama.cpp."""
+    tmp = DEPS / "llama.cpp.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(sdist) as tf:
+        members = []
+        for m in tf.getmembers():
+            if not m.name.startswith(SDIST_PREFIX):
+                continue
+            rel = m.name[len(SDIST_PREFIX):]
+            if not rel or rel.startswith(SKIP_DIRS):
+                continue
+            m.name = rel
+            members.append(m)
+        tf.extractall(tmp, members=members, filter="data")
+    (tmp / ".erllama-source").write_text(SDIST_SHA256 + "\n")
+    shutil.rmtree(LLAMA_DIR, ignore_errors=True)
+    tmp.rename(LLAMA_DIR)
+
+
+def tree_hash(src: Path) -> str:
+    """Hash the parts of a user-supplied llama.cpp tree that affect the build."""
+    h = hashlib.sha256()
+    roots = ["CMakeLists.txt", "cmake", "include", "src", "ggml"]
+    for r in roots:
+        p = src / r
+        files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+        for f in files:
+            h.update(str(f.relative_to(src)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def llama_source() -> tuple[Path, str]:
+    """Return (llama.cpp tree, source id) from ERLLAMA_LLAMA_CPP_DIR or the pinned sdist."""
+    env = os.environ.get("ERLLAMA_LLAMA_CPP_DIR")
+    if env:
+        src = Path(env).expanduser().resolve()
+        if not (src / "include" / "llama.h").is_file():
+            raise BuildError(f"ERLLAMA_LLAMA_CPP_DIR={env!r} has no include/llama.h")
+        return src, "tree-" + tree_hash(src)
+    marker = LLAMA_DIR / ".erllama-source"
+    if not (marker.exists() and marker.read_text().strip() == SDIST_SHA256):
+        extract_llama(fetch_sdist())
+    return LLAMA_DIR, "sdist-" + SDIST_SHA256
+
+
+def cmake_args() -> list[str]:
+    return BASE_CMAKE_ARGS + shlex.split(os.environ.get("ERLLAMA_CMAKE_ARGS", ""))
+
+
+def machine_id() -> str:
+    """Identify the compiler and CPU: GGML_NATIVE builds are only valid on the same kind."""
+    parts = [platform.machine(), platform.system()]
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        parts.append(subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                parts.append(line)
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def build_llama() -> dict:
+    """Build (or reuse from the cache) the static llama.cpp libraries; return link info."""
+    src, source_id = llama_source()
+    args = cmake_args()
+    key = hashlib.sha256(json.dumps([source_id, args, machine_id()]).encode()).hexdigest()[:20]
+    out = cache_root() / f"llama-{key}"
+    info_file = out / "build.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        if all(Path(p).exists() for p in info["libs"]):
+            log(f"reusing cached llama.cpp build {out}")
+            info["src"] = str(src)
+            return info
+    cmake = shutil.which("cmake")
+    if not cmake:
+        raise BuildError("cmake not found: pip install cmake ninja")
+    work = cache_root() / f"work-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    jobs = str(os.cpu_count() or 2)
+    log(f"building llama.cpp ({source_id[:20]}…) with {' '.join(args)}")
+    for cmd in ([cmake, "-S", str(src), "-B", str(work), *gen, *args],
+                [cmake, "--build", str(work), "-j", jobs, "--target", "llama"]):
+        res = subprocess.run(cmd)
+        if res.returncode != 0:
+            raise BuildError(f"command failed with exit {res.returncode}: {' '.join(cmd)}")
+    cache_txt = (work / "CMakeCache.txt").read_text()
+    openmp = "GGML_OPENMP:BOOL=ON" in cache_txt and "OpenMP_C_FOUND" in cache_txt
+    staging = cache_root() / f"staging-{key}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "lib").mkdir(parents=True)
+    libs = []
+    for a in sorted(work.rglob("lib*.a")):
+        dst = staging / "lib" / a.name
+        shutil.copy2(a, dst)
+        libs.append(str(out / "lib" / a.name))
+    info = {"libs": libs, "openmp": openmp, "cmake_args": args, "source": source_id}
+    (staging / "build.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    info["src"] = str(src)
+    return info
+
+
+def link_order(libs: list[str]) -> list[str]:
+    """llama first, ggml backends next, ggml-base last (static link order)."""
+    def rank(p: str) -> int:
+        name = Path(p).name
+        if name == "libllama.a":
+            return 0
+        if name == "libggml-base.a":
+            return 3
+        if name == "libggml.a":
+            return 1
+        return 2
+    return sorted(libs, key=rank)
+
+
+class BuildExt(build_ext):
+    """Build llama.cpp first, then compile the Cython module against it."""
+
+    def run(self):
+        info = build_llama()
+        src = Path(info["src"])
+        link = ["-Wl,--start-group", *link_order(info["libs"]), "-Wl,--end-group", "-lstdc++", "-lm", "-pthread"]
+        if info["openmp"]:
+            link.append("-fopenmp")
+        link += shlex.split(os.environ.get("ERLLAMA_LINK_ARGS", ""))
+        for ext in self.extensions:
+            ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include")]
+            ext.extra_link_args += link
+            ext.depends += info["libs"]
+        super().run()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    ext = Extension(
+        "erllama._native",
+        ["erllama/_native.pyx"],
+        language="c++",
+        include_dirs=[str(ROOT / "erllama" / "includes")],
+        extra_compile_args=["-O2", "-std=c++17"],
+        depends=[str(p) for p in (ROOT / "erllama").glob("**/*") if p.suffix in (".pyx", ".pxd", ".pxi", ".h")],
+    )
+    return cythonize(
+        [ext],
+        compiler_directives={"language_level": "3", "embedsignature": True, "binding": True},
+        include_path=[str(ROOT / "erllama")],
+    )
+
+
+if __name__ == "__main__":
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
