@@ -263,7 +263,7 @@ def extensions():
     return cythonize(
         [ext],
         compiler_directives={"language_level": "3", "embedsignature": True, "binding": True},
-        include_path=[str(ROOT / "erllama")],
+        include_path=[str(ROOT)],
     )
 
 

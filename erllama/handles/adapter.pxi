@@ -39,7 +39,7 @@ cdef class Adapter:
             with nogil:
                 ptr = L.llama_adapter_lora_init(model._ptr, cpath)
             if ptr == NULL:
-                raise classify_load_failure(os.fsdecode(bpath), recent_log_lines(), what="LoRA adapter")
+                raise classify_load_failure(os.fsdecode(bpath), recent_log_records(), what="LoRA adapter")
         except BaseException:
             model._detach()
             raise
@@ -95,7 +95,7 @@ cdef class Adapter:
 
     def __dealloc__(self):
         if self._ptr != NULL:
-            warnings.warn(f"unfreed erllama Adapter {self.path!r}", ResourceWarning, source=self)
+            warnings.warn(f"unfreed erllama Adapter {self.path!r}", ResourceWarning)
             self._do_free()
 
     def __repr__(self):

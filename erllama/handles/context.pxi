@@ -186,7 +186,7 @@ cdef class Context:
     def __dealloc__(self):
         cdef L.llama_context * ptr = self._ptr
         if ptr != NULL:
-            warnings.warn("unfreed erllama Context", ResourceWarning, source=self)
+            warnings.warn("unfreed erllama Context", ResourceWarning)
             self._ptr = NULL
             self._release_native(ptr)
 

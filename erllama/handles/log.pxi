@@ -43,9 +43,16 @@ def set_log_level(level=None):
     L.erl_log_set_min_level(ggml)
 
 
+def recent_log_records():
+    """The last warning and error lines llama.cpp logged on the calling thread, oldest first,
+    as ``(logging level, line)`` pairs."""
+    return [(_PY_LEVELS.get(s[0] - 48, logging.ERROR), s[1:].decode("utf-8", "replace"))
+            for s in L.erl_log_recent()]
+
+
 def recent_log_lines():
     """The last warning and error lines llama.cpp logged on the calling thread (oldest first)."""
-    return [s.decode("utf-8", "replace") for s in L.erl_log_recent()]
+    return [line for _, line in recent_log_records()]
 
 
 def clear_log_lines():

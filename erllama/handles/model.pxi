@@ -93,7 +93,7 @@ cdef class Model:
         with nogil:
             ptr = L.llama_model_load_from_file(cpath, params)
         if ptr == NULL:
-            raise classify_load_failure(os.fsdecode(bpath), recent_log_lines())
+            raise classify_load_failure(os.fsdecode(bpath), recent_log_records())
         self._ptr = ptr
         self._vocab = L.llama_model_get_vocab(ptr)
         self.path = os.fsdecode(bpath)
@@ -101,8 +101,9 @@ cdef class Model:
         self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self.n_embd = L.llama_model_n_embd(ptr)
         self.n_layer = L.llama_model_n_layer(ptr)
-        self.n_head = L.llama_model_n_head(ptr)
-        self.n_head_kv = L.llama_model_n_head_kv(ptr)
+        if self.n_layer > 0:  # per-layer accessors abort on a vocab-only model
+            self.n_head = L.llama_model_n_head(ptr)
+            self.n_head_kv = L.llama_model_n_head_kv(ptr)
         self.n_ctx_train = L.llama_model_n_ctx_train(ptr)
         self.n_swa = L.llama_model_n_swa(ptr)
         _live_add("Model", 1)
@@ -159,7 +160,7 @@ cdef class Model:
 
     def __dealloc__(self):
         if self._ptr != NULL:
-            warnings.warn(f"unfreed erllama Model {self.path!r}", ResourceWarning, source=self)
+            warnings.warn(f"unfreed erllama Model {self.path!r}", ResourceWarning)
             self._do_free()
         elif self._tensor_split != NULL:
             free(self._tensor_split)

@@ -1,6 +1,8 @@
 # Shared helpers: live-object counters, token conversion, paths, CRC32C, load-failure
 # classification.
 
+from operator import index as _index
+
 cdef dict _live = {"Model": 0, "Context": 0, "Sampler": 0, "Adapter": 0}
 _live_lock = threading.Lock()
 
@@ -34,7 +36,7 @@ cdef int _fill_tokens(object tokens, vector[L.llama_token] & out, int32_t n_voca
     out.reserve(n)
     for tok in tokens:
         try:
-            t = tok
+            t = tok if type(tok) is int else _index(tok)
         except (TypeError, OverflowError):
             raise errors.InvalidToken(
                 f"{what}[{i}] = {tok!r} is not a token id (an int in [0, {n_vocab}))") from None
@@ -80,18 +82,24 @@ _MALFORMED_WORDS = ("gguf", "magic", "key-value", "tensor", "vocab", "architectu
                     "overflow", "out of range", "too many", "n_dims", "type")
 
 
+_GENERIC_FAILURES = ("failed to load model", "error loading model: llama_model_loader: failed to load",
+                     "failed to initialize", "failed to load adapter")
+
+
 def classify_load_failure(path, lines, what="model"):
     """Turn the llama.cpp log lines of a failed load into ``MalformedGGUF`` or ``LoadFailed``.
 
+    ``lines`` are strings or ``(level, line)`` pairs (see :func:`recent_log_records`).
     Allocation and mapping failures are ``LoadFailed``; a loader complaint about the file's
     format or contents is ``MalformedGGUF``; anything else is ``LoadFailed``. The message
-    carries the most specific log line.
+    carries the specific error lines, not only llama.cpp's generic "failed to load".
     """
-    lines = [ln.strip() for ln in lines if ln and ln.strip()]
-    reason = next((ln for ln in reversed(lines) if "error loading" in ln), None) or (lines[-1] if lines else "no log output")
-    text = " ".join(lines).lower()
-    first = next((ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()), reason)
-    detail = reason if first == reason else f"{first}; {reason}"
+    records = [ln if isinstance(ln, tuple) else (logging.ERROR, ln) for ln in lines]
+    records = [(lvl, ln.strip()) for lvl, ln in records if ln and ln.strip()]
+    errs = [ln for lvl, ln in records if lvl >= logging.ERROR] or [ln for _, ln in records]
+    specific = [ln for ln in errs if not any(g in ln for g in _GENERIC_FAILURES)]
+    detail = "; ".join(specific[:3]) or (errs[-1] if errs else "no log output")
+    text = " ".join(errs).lower()
     if any(w in text for w in _MEMORY_WORDS):
         return errors.LoadFailed(f"failed to load {what} {path!r}: {detail}")
     if any(w in text for w in _MALFORMED_WORDS):

@@ -36,7 +36,7 @@ static erl_log_state & erl_log_tl() {
 
 static void erl_log_line(erl_log_state & st, int level, const std::string & line) {
     if (level >= GGML_LOG_LEVEL_WARN) {
-        st.recent.push_back(line);
+        st.recent.push_back(std::string(1, (char) ('0' + level)) + line);
         while (st.recent.size() > ERL_LOG_KEEP) st.recent.pop_front();
     }
     erl_emit_fn emit = erl_log_emit.load(std::memory_order_relaxed);

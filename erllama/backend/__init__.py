@@ -1,0 +1,1 @@
+"""Backends a model actor drives: ``llama`` (the native binding), ``stub`` (tests), ``worker``."""

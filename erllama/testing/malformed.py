@@ -1,0 +1,772 @@
+"""Malformed GGUF files for robustness tests of the loader, built from the tiny model.
+
+Every writer takes a path, writes one broken file (or a FIFO / directory) there and returns
+the path as a :class:`~pathlib.Path`; its docstring says what is wrong. Three tables index
+them for parametrised tests:
+
+``ALL_CASES``
+    name -> writer of a *model* file that ``Model.load`` must reject cleanly (raising
+    ``MalformedGGUF`` or ``LoadFailed``). Each was proven in a child process not to abort.
+``ADAPTER_CASES``
+    name -> writer of a *LoRA* file that ``Adapter.load`` on the tiny model must reject cleanly.
+``ABORT_CASES``
+    name -> ``(writer, stage, observed)``: files that make llama.cpp ``abort()`` or crash the
+    whole process. ``stage`` is where the process dies: ``"load"`` (``Model.load``),
+    ``"context"`` (``Context.create(model, n_ctx=256)``), ``"tokenize"``
+    (``model.tokenize("hello world", add_special=True)``), ``"decode"`` (first
+    ``ctx.step``), ``"adapter_load"`` or ``"adapter_decode"`` (the writer writes a LoRA for
+    the valid tiny model; the process dies loading it or at the first decode after
+    ``ctx.set_adapters``). ``observed`` is the exit status seen when probing (``"SIGABRT"``,
+    ``"SIGFPE"``, ``"SIGSEGV"``, ...). **Never load these in the test process**; use a child
+    process (see :func:`probe`).
+
+Byte-level corruptions start from :func:`erllama.testing.tinymodel.write_tiny_model`
+output; structural variants are written by :func:`write_spec` from a :class:`Spec` that
+:func:`llama_spec` builds with the tiny model's keys, vocabulary and weights (with
+:func:`llama_spec` defaults the result loads and decodes like the tiny model).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from erllama.testing.tinymodel import N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, tiny_vocab, write_tiny_model
+
+__all__ = [
+    "KV", "TensorSpec", "Spec", "llama_spec", "lora_spec", "write_spec", "tiny_layout",
+    "ALL_CASES", "ADAPTER_CASES", "ABORT_CASES", "EXPECTED", "ADAPTER_EXPECTED", "probe",
+]
+
+# GGUF value types (gguf.GGUFValueType)
+U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
+_SCALAR_FMT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f",
+               BOOL: "<?", U64: "<Q", I64: "<q", F64: "<d"}
+# ggml types
+GGML_F32, GGML_F16, GGML_Q4_0 = 0, 1, 2
+_ALIGN = 32
+HUGE = 2 ** 62
+
+
+# ---- a minimal GGUF writer with full control over every field -----------------------------
+
+@dataclass
+class KV:
+    key: str
+    vtype: int
+    value: Any
+    sub: int | None = None      # element type of an ARRAY
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    ne: tuple[int, ...]          # ggml order: ne[0] is the row length
+    data: bytes
+    ggml_type: int = GGML_F32
+    offset: int | None = None    # None: the correct aligned offset
+
+
+@dataclass
+class Spec:
+    """An editable GGUF: header fields, ordered KV pairs and tensors."""
+
+    kvs: list[KV] = field(default_factory=list)
+    tensors: list[TensorSpec] = field(default_factory=list)
+    magic: bytes = b"GGUF"
+    version: int = 3
+    n_tensors: int | None = None   # None: len(tensors)
+    n_kv: int | None = None        # None: len(kvs)
+
+    def get(self, key: str) -> KV | None:
+        return next((kv for kv in self.kvs if kv.key == key), None)
+
+    def set(self, key: str, value: Any, vtype: int | None = None, sub: int | None = None) -> "Spec":
+        kv = self.get(key)
+        if kv is None:
+            if vtype is None:
+                raise KeyError(f"{key} is new: give its vtype")
+            self.kvs.append(KV(key, vtype, value, sub))
+        else:
+            kv.value = value
+            if vtype is not None:
+                kv.vtype, kv.sub = vtype, sub
+        return self
+
+    def drop(self, key: str) -> "Spec":
+        n = len(self.kvs)
+        self.kvs = [kv for kv in self.kvs if kv.key != key]
+        if len(self.kvs) == n:
+            raise KeyError(key)
+        return self
+
+    def tensor(self, name: str) -> TensorSpec:
+        return next(t for t in self.tensors if t.name == name)
+
+    def drop_tensor(self, name: str) -> "Spec":
+        self.tensors.remove(self.tensor(name))
+        return self
+
+    def put_tensor(self, name: str, array: np.ndarray) -> "Spec":
+        """Replace or add an f32 tensor (numpy shape, i.e. reversed ggml ``ne``)."""
+        t = _tensor(name, array)
+        for i, old in enumerate(self.tensors):
+            if old.name == name:
+                self.tensors[i] = t
+                return self
+        self.tensors.append(t)
+        return self
+
+
+def _tensor(name: str, array: np.ndarray) -> TensorSpec:
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return TensorSpec(name, tuple(reversed(a.shape)), a.tobytes())
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(vtype: int, value: Any, sub: int | None) -> bytes:
+    if vtype == STR:
+        return _str(value)
+    if vtype == ARR:
+        out = struct.pack("<IQ", sub, len(value))
+        return out + b"".join(_value(sub, v, None) for v in value)
+    return struct.pack(_SCALAR_FMT[vtype], value)
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def spec_bytes(spec: Spec) -> bytes:
+    """Serialise ``spec`` (GGUF v3 layout, 32-byte alignment)."""
+    out = bytearray(spec.magic)
+    out += struct.pack("<IQQ", spec.version,
+                       len(spec.tensors) if spec.n_tensors is None else spec.n_tensors,
+                       len(spec.kvs) if spec.n_kv is None else spec.n_kv)
+    for kv in spec.kvs:
+        out += _str(kv.key) + struct.pack("<I", kv.vtype) + _value(kv.vtype, kv.value, kv.sub)
+    offset = 0
+    for t in spec.tensors:
+        out += _str(t.name) + struct.pack("<I", len(t.ne)) + b"".join(struct.pack("<Q", d & (2**64 - 1)) for d in t.ne)
+        out += struct.pack("<IQ", t.ggml_type, offset if t.offset is None else t.offset)
+        offset += len(t.data) + _pad(len(t.data))
+    if spec.tensors:
+        out += b"\0" * _pad(len(out))
+        for t in spec.tensors:
+            out += t.data + b"\0" * _pad(len(t.data))
+    return bytes(out)
+
+
+def write_spec(path: str | os.PathLike, spec: Spec) -> Path:
+    path = Path(path)
+    path.write_bytes(spec_bytes(spec))
+    return path
+
+
+def _put(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.write_bytes(data)
+    return path
+
+
+# ---- the tiny model as a Spec ----------------------------------------------------------------
+
+def _weights(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale / np.sqrt(max(shape[-1], 1))).astype(np.float32)
+
+
+def llama_spec(*, n_embd: int = N_EMBD, n_head: int = N_HEAD, n_head_kv: int = N_HEAD_KV,
+               n_ff: int = N_FF, n_layer: int = N_LAYER, n_rot: int | None = None,
+               head_dim: int | None = None, n_ctx_train: int = 256, arch: str = "llama",
+               tokens: list[str] | None = None, seed: int = 0) -> Spec:
+    """The tiny llama model as a :class:`Spec`, with optionally changed hyperparameters.
+
+    Tensor shapes follow the given hyperparameters (so the loader's shape checks pass even
+    for nonsensical values): q/o use ``n_head * head_dim``, k/v ``n_head_kv * head_dim``
+    (``head_dim`` defaults to ``n_embd // n_head``, or 0 when ``n_head`` is 0).
+    """
+    if head_dim is None:
+        head_dim = n_embd // n_head if n_head else 0
+    if n_rot is None:
+        n_rot = head_dim
+    vtokens, scores, types = tiny_vocab()
+    if tokens is not None:
+        vtokens, scores, types = tokens, [0.0] * len(tokens), [1] * len(tokens)
+    n_vocab = len(vtokens)
+    rng = np.random.default_rng(seed)
+    a = arch
+    kvs = [
+        KV("general.architecture", STR, arch),
+        KV("general.name", STR, "erllama-tiny-malformed"),
+        KV(f"{a}.context_length", U32, n_ctx_train),
+        KV(f"{a}.embedding_length", U32, n_embd),
+        KV(f"{a}.block_count", U32, n_layer),
+        KV(f"{a}.feed_forward_length", U32, n_ff),
+        KV(f"{a}.attention.head_count", U32, n_head),
+        KV(f"{a}.attention.head_count_kv", U32, n_head_kv),
+        KV(f"{a}.attention.layer_norm_rms_epsilon", F32, 1e-5),
+        KV(f"{a}.rope.dimension_count", U32, n_rot),
+        KV("general.file_type", U32, 0),
+        KV("tokenizer.ggml.model", STR, "llama"),
+        KV("tokenizer.ggml.tokens", ARR, vtokens, STR),
+        KV("tokenizer.ggml.scores", ARR, scores, F32),
+        KV("tokenizer.ggml.token_type", ARR, types, I32),
+        KV("tokenizer.ggml.bos_token_id", U32, 1),
+        KV("tokenizer.ggml.eos_token_id", U32, 2),
+        KV("tokenizer.ggml.unknown_token_id", U32, 0),
+        KV("tokenizer.ggml.add_bos_token", BOOL, True),
+        KV("tokenizer.ggml.add_eos_token", BOOL, False),
+    ]
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    ts = [
+        _tensor("token_embd.weight", _weights(rng, n_vocab, n_embd)),
+        _tensor("output_norm.weight", np.ones(n_embd, np.float32)),
+        _tensor("output.weight", _weights(rng, n_vocab, n_embd)),
+    ]
+    for i in range(n_layer):
+        ts += [
+            _tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32)),
+            _tensor(f"blk.{i}.attn_q.weight", _weights(rng, q, n_embd)),
+            _tensor(f"blk.{i}.attn_k.weight", _weights(rng, kv, n_embd)),
+            _tensor(f"blk.{i}.attn_v.weight", _weights(rng, kv, n_embd)),
+            _tensor(f"blk.{i}.attn_output.weight", _weights(rng, n_embd, q)),
+            _tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32)),
+            _tensor(f"blk.{i}.ffn_gate.weight", _weights(rng, n_ff, n_embd)),
+            _tensor(f"blk.{i}.ffn_up.weight", _weights(rng, n_ff, n_embd)),
+            _tensor(f"blk.{i}.ffn_down.weight", _weights(rng, n_embd, n_ff)),
+        ]
+    return Spec(kvs=kvs, tensors=ts)
+
+
+def lora_spec(*, rank: int = 4, alpha: float = 8.0, arch: str = "llama", seed: int = 1) -> Spec:
+    """A LoRA adapter for the tiny model (attn_q and attn_v of every layer) as a :class:`Spec`."""
+    rng = np.random.default_rng(seed)
+    kvs = [KV("general.architecture", STR, arch), KV("general.type", STR, "adapter"),
+           KV("adapter.type", STR, "lora"), KV("adapter.lora.alpha", F32, float(alpha))]
+    ts = []
+    for i in range(N_LAYER):
+        for name, n_out in (("attn_q", N_EMBD), ("attn_v", N_HEAD_KV * (N_EMBD // N_HEAD))):
+            ts.append(_tensor(f"blk.{i}.{name}.weight.lora_a", _weights(rng, rank, N_EMBD)))
+            ts.append(_tensor(f"blk.{i}.{name}.weight.lora_b", _weights(rng, n_out, rank)))
+    return Spec(kvs=kvs, tensors=ts)
+
+
+# ---- byte layout of the valid tiny model -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    data: bytes
+    kv: dict              # key -> (start, value_offset)
+    tensor: dict          # name -> (start, n_dims_offset, type_offset, offset_offset)
+    kv_start: int
+    tensor_info_start: int
+    data_offset: int
+
+
+@lru_cache(maxsize=4)
+def tiny_layout(seed: int = 0) -> Layout:
+    """Bytes of :func:`write_tiny_model` and the offsets of its fields (read with ``gguf``)."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as d:
+        p = write_tiny_model(Path(d) / "tiny.gguf", seed=seed)
+        data = p.read_bytes()
+        r = gguf.GGUFReader(str(p))
+        kv = {}
+        for name, f in r.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            kv[name] = (f.offset, f.offset + 8 + len(name.encode()) + 4)
+        tensor = {}
+        for t in r.tensors:
+            start = t.field.offset
+            nd = start + 8 + len(t.name.encode())
+            n_dims = struct.unpack_from("<I", data, nd)[0]
+            type_off = nd + 4 + 8 * n_dims
+            tensor[t.name] = (start, nd, type_off, type_off + 4)
+        data_offset = r.data_offset
+        del r
+    kv_start = 24
+    return Layout(data, kv, tensor, kv_start, min(v[0] for v in tensor.values()), data_offset)
+
+
+def _patched(seed: int, at: int, fmt: str, value: Any) -> bytes:
+    b = bytearray(tiny_layout(seed).data)
+    struct.pack_into(fmt, b, at, value)
+    return bytes(b)
+
+
+# ---- model cases that fail cleanly -----------------------------------------------------------
+
+def empty(path):
+    """A zero-byte file."""
+    return _put(path, b"")
+
+
+def text_file(path):
+    """A short text file, not a GGUF at all."""
+    return _put(path, b"this is not a model\n" * 8)
+
+
+def bad_magic(path):
+    """The tiny model with magic ``GGUX`` instead of ``GGUF``."""
+    return _put(path, b"GGUX" + tiny_layout().data[4:])
+
+
+def magic_only(path):
+    """Only the 4 magic bytes."""
+    return _put(path, b"GGUF")
+
+
+def _version(v):
+    def writer(path):
+        return _put(path, _patched(0, 4, "<I", v))
+    writer.__doc__ = f"The tiny model with GGUF version {v} (supported: 2 and 3)."
+    writer.__name__ = f"version_{v}"
+    return writer
+
+
+version_0 = _version(0)
+version_1 = _version(1)
+version_4 = _version(4)
+version_999 = _version(999)
+version_big_endian = _version(0x03000000)
+version_big_endian.__doc__ = "The tiny model with version 3 stored big-endian (0x03000000)."
+
+
+def _truncate(where: str):
+    def writer(path):
+        lay = tiny_layout()
+        toks_start, toks_val = lay.kv["tokenizer.ggml.tokens"]
+        emb = lay.tensor["token_embd.weight"]
+        last = lay.tensor["blk.1.ffn_down.weight"]
+        cut = {
+            "header": 12,                                  # inside n_tensors
+            "header_end": 24,                              # header complete, no KV pairs
+            "kv_key": lay.kv_start + 8 + 5,                # inside the first key's bytes
+            "kv_array": toks_val + 12 + 500,               # inside the token list
+            "tensor_info": emb[1] + 6,                     # inside token_embd's dims
+            "tensor_info_end": last[3] + 4,                # inside the last tensor offset
+            "before_data": lay.data_offset,                # all metadata, no tensor data
+            "tensor_data": lay.data_offset + (len(lay.data) - lay.data_offset) // 2,
+            "last_byte": len(lay.data) - 1,
+        }[where]
+        return _put(path, lay.data[:cut])
+    writer.__doc__ = f"The tiny model truncated at {where.replace('_', ' ')}."
+    writer.__name__ = f"truncated_{where}"
+    return writer
+
+
+truncated_header = _truncate("header")
+truncated_header_end = _truncate("header_end")
+truncated_kv_key = _truncate("kv_key")
+truncated_kv_array = _truncate("kv_array")
+truncated_tensor_info = _truncate("tensor_info")
+truncated_tensor_info_end = _truncate("tensor_info_end")
+truncated_before_data = _truncate("before_data")
+truncated_tensor_data = _truncate("tensor_data")
+truncated_last_byte = _truncate("last_byte")
+
+
+def tensor_offset_past_eof(path):
+    """The last tensor's data offset points 1 TiB past the end of the file."""
+    return _put(path, _patched(0, tiny_layout().tensor["blk.1.ffn_down.weight"][3], "<Q", 2 ** 40))
+
+
+def tensor_offset_misaligned(path):
+    """The last tensor's data offset is moved by 4 bytes (not where the data is, not aligned)."""
+    lay = tiny_layout()
+    at = lay.tensor["blk.1.ffn_down.weight"][3]
+    old = struct.unpack_from("<Q", lay.data, at)[0]
+    return _put(path, _patched(0, at, "<Q", old + 4))
+
+
+def tensor_data_past_eof(path):
+    """The last tensor claims twice its rows, so its data runs past the end of the file."""
+    lay = tiny_layout()
+    nd = lay.tensor["blk.1.ffn_down.weight"][1]
+    return _put(path, _patched(0, nd + 4 + 8, "<Q", 2 * N_EMBD))   # ne[1] 64 -> 128
+
+
+def n_tensors_huge(path):
+    """The header claims 2**62 tensors."""
+    return _put(path, _patched(0, 8, "<Q", HUGE))
+
+
+def n_kv_huge(path):
+    """The header claims 2**62 key-value pairs."""
+    return _put(path, _patched(0, 16, "<Q", HUGE))
+
+
+def n_kv_plus_one(path):
+    """The header claims one KV pair more than the file has (the first tensor info is read as a KV)."""
+    n = len(tiny_layout().kv)
+    return _put(path, _patched(0, 16, "<Q", n + 1))
+
+
+def n_tensors_plus_one(path):
+    """The header claims one tensor more than the file has (tensor data is read as tensor info)."""
+    n = len(tiny_layout().tensor)
+    return _put(path, _patched(0, 8, "<Q", n + 1))
+
+
+def kv_string_len_huge(path):
+    """The value of ``general.name`` claims a length of 2**62 bytes."""
+    return _put(path, _patched(0, tiny_layout().kv["general.name"][1], "<Q", HUGE))
+
+
+def kv_string_len_past_eof(path):
+    """The value of ``general.name`` claims a length of 1 MiB, more than the file holds."""
+    return _put(path, _patched(0, tiny_layout().kv["general.name"][1], "<Q", 1 << 20))
+
+
+def kv_key_len_huge(path):
+    """The first key claims a length of 2**62 bytes."""
+    return _put(path, _patched(0, tiny_layout().kv_start, "<Q", HUGE))
+
+
+def kv_array_len_huge(path):
+    """``tokenizer.ggml.tokens`` claims 2**62 elements."""
+    return _put(path, _patched(0, tiny_layout().kv["tokenizer.ggml.tokens"][1] + 4, "<Q", HUGE))
+
+
+def kv_invalid_type(path):
+    """``general.name`` has value type 99 (no such GGUF type)."""
+    return _put(path, _patched(0, tiny_layout().kv["general.name"][1] - 4, "<I", 99))
+
+
+def tensor_n_dims_huge(path):
+    """``token_embd.weight`` claims 1000 dimensions (GGML_MAX_DIMS is 4)."""
+    return _put(path, _patched(0, tiny_layout().tensor["token_embd.weight"][1], "<I", 1000))
+
+
+def tensor_invalid_type(path):
+    """``token_embd.weight`` has ggml type 200 (no such type)."""
+    return _put(path, _patched(0, tiny_layout().tensor["token_embd.weight"][2], "<I", 200))
+
+
+def tensor_removed_type(path):
+    """``token_embd.weight`` has ggml type 4 (the removed Q4_2: block size 0)."""
+    return _put(path, _patched(0, tiny_layout().tensor["token_embd.weight"][2], "<I", 4))
+
+
+def tensor_dim_negative(path):
+    """``token_embd.weight`` has a dimension of 2**63 (negative as int64)."""
+    nd = tiny_layout().tensor["token_embd.weight"][1]
+    return _put(path, _patched(0, nd + 4 + 8, "<Q", 2 ** 63))
+
+
+def tensor_dims_overflow(path):
+    """``token_embd.weight`` has dims whose product overflows int64 (2**40 x 2**40)."""
+    nd = tiny_layout().tensor["token_embd.weight"][1]
+    b = bytearray(tiny_layout().data)
+    struct.pack_into("<QQ", b, nd + 4, 2 ** 40, 2 ** 40)
+    return _put(path, bytes(b))
+
+
+def _spec_case(doc: str, edit: Callable[[Spec], Any], **hp):
+    def writer(path):
+        spec = llama_spec(**hp)
+        edit(spec)
+        return write_spec(path, spec)
+    writer.__doc__ = doc
+    return writer
+
+
+spec_control = _spec_case("Control, NOT malformed: the tiny model re-written by write_spec.", lambda s: None)
+missing_block_count = _spec_case("No ``llama.block_count`` key.", lambda s: s.drop("llama.block_count"))
+missing_embedding_length = _spec_case("No ``llama.embedding_length`` key.",
+                                      lambda s: s.drop("llama.embedding_length"))
+missing_context_length = _spec_case("No ``llama.context_length`` key.", lambda s: s.drop("llama.context_length"))
+missing_architecture = _spec_case("No ``general.architecture`` key.", lambda s: s.drop("general.architecture"))
+missing_token_list = _spec_case("No ``tokenizer.ggml.tokens`` (nor scores, types).",
+                                lambda s: [s.drop(k) for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                                                               "tokenizer.ggml.token_type")])
+unknown_architecture = _spec_case("``general.architecture`` is ``notanarch`` (keys prefixed to match).",
+                                  lambda s: None, arch="notanarch")
+unknown_tokenizer = _spec_case("``tokenizer.ggml.model`` is ``bogus``.",
+                               lambda s: s.set("tokenizer.ggml.model", "bogus"))
+wrong_key_type = _spec_case("``llama.block_count`` is a string.",
+                            lambda s: s.set("llama.block_count", "two", STR))
+wrong_tensor_shape = _spec_case("``blk.0.attn_q.weight`` is 64x32 instead of 64x64.",
+                                lambda s: s.put_tensor("blk.0.attn_q.weight", np.zeros((32, N_EMBD), np.float32)))
+wrong_embd_shape = _spec_case("``token_embd.weight`` rows are 32 wide while n_embd is 64.",
+                              lambda s: s.put_tensor("token_embd.weight", np.zeros((306, 32), np.float32)))
+missing_tensor = _spec_case("No ``blk.1.ffn_down.weight`` tensor.", lambda s: s.drop_tensor("blk.1.ffn_down.weight"))
+extra_tensor = _spec_case("An extra unused tensor ``blk.0.bogus.weight``.",
+                          lambda s: s.put_tensor("blk.0.bogus.weight", np.zeros(4, np.float32)))
+duplicate_tensor = _spec_case("``output_norm.weight`` appears twice.",
+                              lambda s: s.tensors.append(s.tensor("output_norm.weight")))
+duplicate_key = _spec_case("``llama.block_count`` appears twice.",
+                           lambda s: s.kvs.append(KV("llama.block_count", U32, 2)))
+tensor_name_too_long = _spec_case("A tensor name of 100 characters (GGML_MAX_NAME is 64).",
+                                  lambda s: s.put_tensor("x" * 100, np.zeros(4, np.float32)))
+rope_dims_mismatch = _spec_case("``llama.rope.dimension_count`` is 8 while the head dim is 16.",
+                                lambda s: s.set("llama.rope.dimension_count", 8))
+token_types_short = _spec_case("``tokenizer.ggml.token_type`` has 10 entries for 306 tokens.",
+                               lambda s: s.set("tokenizer.ggml.token_type", [1] * 10))
+token_scores_short = _spec_case("``tokenizer.ggml.scores`` has 10 entries for 306 tokens.",
+                                lambda s: s.set("tokenizer.ggml.scores", [0.0] * 10))
+token_types_wrong_type = _spec_case("``tokenizer.ggml.token_type`` is an array of strings.",
+                                    lambda s: s.set("tokenizer.ggml.token_type", ["1"] * 306, ARR, STR))
+alignment_not_pow2 = _spec_case("``general.alignment`` is 48 (not a power of 2).",
+                                lambda s: s.set("general.alignment", 48, U32))
+alignment_wrong_type = _spec_case("``general.alignment`` is a string.",
+                                  lambda s: s.set("general.alignment", "32", STR))
+
+
+def fifo(path):
+    """A named pipe (FIFO) instead of a regular file."""
+    path = Path(path)
+    os.mkfifo(path)
+    return path
+
+
+def directory(path):
+    """A directory instead of a regular file."""
+    path = Path(path)
+    path.mkdir()
+    return path
+
+
+# name -> writer. EXPECTED[name] is the exception class name Model.load raises
+# ("MalformedGGUF" or "LoadFailed"), as observed.
+ALL_CASES: dict[str, Callable[[Any], Path]] = {}
+EXPECTED: dict[str, str] = {}
+
+
+def _register(table, expected_table, name, writer, expected):
+    table[name] = writer
+    expected_table[name] = expected
+
+
+for _name, _w, _exp in [
+    ("empty", empty, "MalformedGGUF"),
+    ("text_file", text_file, "MalformedGGUF"),
+    ("bad_magic", bad_magic, "MalformedGGUF"),
+    ("magic_only", magic_only, "MalformedGGUF"),
+    ("version_0", version_0, "MalformedGGUF"),
+    ("version_1", version_1, "MalformedGGUF"),
+    ("version_4", version_4, "MalformedGGUF"),
+    ("version_999", version_999, "MalformedGGUF"),
+    ("version_big_endian", version_big_endian, "MalformedGGUF"),
+    ("truncated_header", truncated_header, "MalformedGGUF"),
+    ("truncated_header_end", truncated_header_end, "MalformedGGUF"),
+    ("truncated_kv_key", truncated_kv_key, "MalformedGGUF"),
+    ("truncated_kv_array", truncated_kv_array, "MalformedGGUF"),
+    ("truncated_tensor_info", truncated_tensor_info, "MalformedGGUF"),
+    ("truncated_tensor_info_end", truncated_tensor_info_end, "MalformedGGUF"),
+    ("truncated_before_data", truncated_before_data, "MalformedGGUF"),
+    ("truncated_tensor_data", truncated_tensor_data, "MalformedGGUF"),
+    ("truncated_last_byte", truncated_last_byte, "MalformedGGUF"),
+    ("tensor_offset_past_eof", tensor_offset_past_eof, "MalformedGGUF"),
+    ("tensor_offset_misaligned", tensor_offset_misaligned, "MalformedGGUF"),
+    ("tensor_data_past_eof", tensor_data_past_eof, "MalformedGGUF"),
+    ("n_tensors_huge", n_tensors_huge, "MalformedGGUF"),
+    ("n_kv_huge", n_kv_huge, "MalformedGGUF"),
+    ("n_kv_plus_one", n_kv_plus_one, "MalformedGGUF"),
+    ("n_tensors_plus_one", n_tensors_plus_one, "MalformedGGUF"),
+    ("kv_string_len_huge", kv_string_len_huge, "MalformedGGUF"),
+    ("kv_string_len_past_eof", kv_string_len_past_eof, "MalformedGGUF"),
+    ("kv_key_len_huge", kv_key_len_huge, "MalformedGGUF"),
+    ("kv_array_len_huge", kv_array_len_huge, "MalformedGGUF"),
+    ("kv_invalid_type", kv_invalid_type, "MalformedGGUF"),
+    ("tensor_n_dims_huge", tensor_n_dims_huge, "MalformedGGUF"),
+    ("tensor_invalid_type", tensor_invalid_type, "MalformedGGUF"),
+    ("tensor_removed_type", tensor_removed_type, "MalformedGGUF"),
+    ("tensor_dim_negative", tensor_dim_negative, "MalformedGGUF"),
+    ("tensor_dims_overflow", tensor_dims_overflow, "MalformedGGUF"),
+    ("missing_block_count", missing_block_count, "MalformedGGUF"),
+    ("missing_embedding_length", missing_embedding_length, "MalformedGGUF"),
+    ("missing_context_length", missing_context_length, "MalformedGGUF"),
+    ("missing_architecture", missing_architecture, "MalformedGGUF"),
+    ("missing_token_list", missing_token_list, "MalformedGGUF"),
+    ("unknown_architecture", unknown_architecture, "MalformedGGUF"),
+    ("unknown_tokenizer", unknown_tokenizer, "MalformedGGUF"),
+    ("wrong_key_type", wrong_key_type, "MalformedGGUF"),
+    ("wrong_tensor_shape", wrong_tensor_shape, "MalformedGGUF"),
+    ("wrong_embd_shape", wrong_embd_shape, "MalformedGGUF"),
+    ("missing_tensor", missing_tensor, "MalformedGGUF"),
+    ("extra_tensor", extra_tensor, "MalformedGGUF"),
+    ("duplicate_tensor", duplicate_tensor, "MalformedGGUF"),
+    ("duplicate_key", duplicate_key, "MalformedGGUF"),
+    ("tensor_name_too_long", tensor_name_too_long, "MalformedGGUF"),
+    ("rope_dims_mismatch", rope_dims_mismatch, "MalformedGGUF"),
+    ("token_types_short", token_types_short, "MalformedGGUF"),
+    ("token_scores_short", token_scores_short, "MalformedGGUF"),
+    ("token_types_wrong_type", token_types_wrong_type, "MalformedGGUF"),
+    ("alignment_not_pow2", alignment_not_pow2, "MalformedGGUF"),
+    ("alignment_wrong_type", alignment_wrong_type, "MalformedGGUF"),
+    ("fifo", fifo, "MalformedGGUF"),
+    ("directory", directory, "MalformedGGUF"),
+]:
+    _register(ALL_CASES, EXPECTED, _name, _w, _exp)
+
+
+# ---- LoRA adapter cases that fail cleanly ----------------------------------------------------
+
+def _lora_case(doc: str, edit: Callable[[Spec], Any], **kw):
+    def writer(path):
+        spec = lora_spec(**kw)
+        edit(spec)
+        return write_spec(path, spec)
+    writer.__doc__ = doc
+    return writer
+
+
+def lora_empty(path):
+    """A zero-byte adapter file."""
+    return _put(path, b"")
+
+
+def lora_bad_magic(path):
+    """The tiny LoRA with magic ``GGUX``."""
+    return _put(path, b"GGUX" + spec_bytes(lora_spec())[4:])
+
+
+lora_control = _lora_case("Control, NOT malformed: the tiny LoRA re-written by write_spec.", lambda s: None)
+lora_arch_mismatch = _lora_case("A LoRA whose ``general.architecture`` is ``gpt2`` (the model is llama).",
+                                lambda s: None, arch="gpt2")
+lora_not_adapter = _lora_case("``general.type`` is ``model`` instead of ``adapter``.",
+                              lambda s: s.set("general.type", "model"))
+lora_not_lora = _lora_case("``adapter.type`` is ``control_vector`` instead of ``lora``.",
+                           lambda s: s.set("adapter.type", "control_vector"))
+lora_wrong_shape = _lora_case(
+    "``blk.0.attn_q.weight.lora_a`` is 4x32 (the base tensor's rows are 64 wide).",
+    lambda s: s.put_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 32), np.float32)))
+lora_rank_mismatch = _lora_case(
+    "``blk.0.attn_q.weight.lora_a`` has rank 4 but its ``lora_b`` has rank 8.",
+    lambda s: s.put_tensor("blk.0.attn_q.weight.lora_b", np.zeros((N_EMBD, 8), np.float32)))
+lora_missing_b = _lora_case("``blk.0.attn_q.weight.lora_b`` is missing.",
+                            lambda s: s.drop_tensor("blk.0.attn_q.weight.lora_b"))
+lora_unknown_tensor = _lora_case(
+    "A LoRA pair for ``blk.7.attn_q.weight``, which the 2-layer model does not have.",
+    lambda s: [s.put_tensor("blk.7.attn_q.weight.lora_a", np.zeros((4, N_EMBD), np.float32)),
+               s.put_tensor("blk.7.attn_q.weight.lora_b", np.zeros((N_EMBD, 4), np.float32))])
+lora_bad_suffix = _lora_case("A tensor ``blk.0.attn_q.weight.lora_c`` with an unknown suffix.",
+                             lambda s: s.put_tensor("blk.0.attn_q.weight.lora_c", np.zeros(4, np.float32)))
+
+
+def lora_truncated(path):
+    """The tiny LoRA truncated in the middle of its tensor data."""
+    data = spec_bytes(lora_spec())
+    return _put(path, data[: len(data) - 700])
+
+
+def lora_is_model(path):
+    """A full model file (the tiny model) given as an adapter."""
+    return write_tiny_model(path)
+
+
+ADAPTER_CASES: dict[str, Callable[[Any], Path]] = {}
+ADAPTER_EXPECTED: dict[str, str] = {}
+for _name, _w, _exp in [
+    ("lora_empty", lora_empty, "MalformedGGUF"),
+    ("lora_bad_magic", lora_bad_magic, "MalformedGGUF"),
+    ("lora_arch_mismatch", lora_arch_mismatch, "MalformedGGUF"),
+    ("lora_not_adapter", lora_not_adapter, "MalformedGGUF"),
+    ("lora_not_lora", lora_not_lora, "MalformedGGUF"),
+    ("lora_wrong_shape", lora_wrong_shape, "MalformedGGUF"),
+    ("lora_rank_mismatch", lora_rank_mismatch, "MalformedGGUF"),
+    ("lora_missing_b", lora_missing_b, "MalformedGGUF"),
+    ("lora_unknown_tensor", lora_unknown_tensor, "MalformedGGUF"),
+    ("lora_bad_suffix", lora_bad_suffix, "MalformedGGUF"),
+    ("lora_truncated", lora_truncated, "MalformedGGUF"),
+    ("lora_is_model", lora_is_model, "MalformedGGUF"),
+]:
+    _register(ADAPTER_CASES, ADAPTER_EXPECTED, _name, _w, _exp)
+
+
+# ---- files that kill the process (probe only in a child process) -----------------------------
+
+ABORT_CASES: dict[str, tuple[Callable[[Any], Path], str, str]] = {}
+
+
+# ---- probing in a child process --------------------------------------------------------------
+
+_PROBE = r"""
+import sys
+from erllama import _native as n
+from erllama.testing.tinymodel import write_tiny_model
+path, stage = sys.argv[1], sys.argv[2]
+def say(*a):
+    print(*a, flush=True)
+if stage.startswith("adapter"):
+    model = n.Model.load(write_tiny_model(sys.argv[3]))
+    try:
+        ad = n.Adapter.load(model, path)
+    except Exception as e:
+        say("RAISED", "adapter_load", type(e).__name__, e); sys.exit(0)
+    say("OK adapter_load")
+    ctx = n.Context.create(model, n_ctx=256, n_threads=1)
+    ctx.set_adapters([(ad, 1.0)])
+else:
+    try:
+        model = n.Model.load(path)
+    except Exception as e:
+        say("RAISED", "load", type(e).__name__, e); sys.exit(0)
+    say("OK load")
+    try:
+        ctx = n.Context.create(model, n_ctx=256, n_threads=1)
+    except Exception as e:
+        say("RAISED", "context", type(e).__name__, e); sys.exit(0)
+    say("OK context")
+    try:
+        toks = model.tokenize("hello world", add_special=True)
+    except Exception as e:
+        say("RAISED", "tokenize", type(e).__name__, e); sys.exit(0)
+    say("OK tokenize", toks)
+toks = [1, 5, 9, 300 % model.n_vocab] if model.n_vocab > 300 else [0] * 4
+try:
+    ctx.step([(0, toks)])
+    ctx.step([(0, [toks[-1]])])
+except Exception as e:
+    say("RAISED", "decode", type(e).__name__, e); sys.exit(0)
+say("OK decode")
+"""
+
+
+def probe(path: str | os.PathLike, *, adapter: bool = False, timeout: float = 60) -> dict:
+    """Load ``path`` (as a model, or as an adapter of the tiny model) in a child process and go
+    through context creation, tokenize and two decodes. Returns ``{"returncode", "signal",
+    "stages_ok", "raised", "stderr_tail", "abort_line"}``; ``signal`` is the signal name when the child died."""
+    import signal as _signal
+
+    with tempfile.TemporaryDirectory() as d:
+        args = [sys.executable, "-c", _PROBE, str(path), "adapter" if adapter else "model"]
+        if adapter:
+            args.append(str(Path(d) / "tiny.gguf"))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env["GGML_NO_BACKTRACE"] = "1"   # no gdb backtrace on abort: fast, readable stderr
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    out = r.stdout.splitlines()
+    sig = None
+    if r.returncode < 0:
+        try:
+            sig = _signal.Signals(-r.returncode).name
+        except ValueError:
+            sig = str(-r.returncode)
+    return {
+        "returncode": r.returncode,
+        "signal": sig,
+        "stages_ok": [ln.split()[1] for ln in out if ln.startswith("OK ")],
+        "raised": next((ln for ln in out if ln.startswith("RAISED")), None),
+        "stderr_tail": [ln for ln in r.stderr.splitlines() if ln.strip()][-4:],
+        "abort_line": next((ln for ln in reversed(r.stderr.splitlines())
+                            if any(w in ln for w in ("GGML_ASSERT", "GGML_ABORT", "terminate", "error"))), None),
+    }

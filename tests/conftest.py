@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny synthetic models (written here), the default real model, leak checks."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from erllama import _native as native
+from erllama.testing.tinymodel import write_tiny_lora, write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny llama GGUF written by the test session itself."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_path(tmp_path_factory):
+    """The tiny model with ChatML tokens and a ChatML chat template."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chatml.gguf", chatml=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_path(tmp_path_factory):
+    """A LoRA adapter for the tiny model."""
+    return write_tiny_lora(tmp_path_factory.mktemp("models") / "tiny-lora.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    """A tiny model shared by the session (tests must not free it)."""
+    model = native.Model.load(tiny_path)
+    yield model
+    model.free()
+
+
+@pytest.fixture
+def tiny_ctx(tiny_model):
+    """A fresh 2-sequence context on the tiny model, freed after the test."""
+    ctx = native.Context.create(tiny_model, n_ctx=512, n_batch=512, n_seq_max=2, n_threads=1)
+    yield ctx
+    ctx.free()
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    """The default real model (Gemma 3 270M Q4_K_M), assembled from its PyPI package."""
+    from erllama.models import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path):
+    """Gemma loaded once for the session (tests must not free it)."""
+    model = native.Model.load(gemma_path)
+    yield model
+    model.free()
+
+
+@pytest.fixture(autouse=True)
+def no_native_leaks():
+    """Every test leaves as many live native objects as it found (uvloop-style leak check)."""
+    gc.collect()
+    before = native.live_objects()
+    yield
+    gc.collect()
+    after = native.live_objects()
+    assert after == before, f"native objects leaked: before {before}, after {after}"
