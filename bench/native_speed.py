@@ -2,18 +2,20 @@
 
 Measures, on one context with one sequence (default model: Gemma 3 270M Q4_K_M):
 
-* ``pp512``  one ``Context.step`` of 512 prompt tokens into an empty sequence (the
-  sequence is cleared between repetitions); tokens/s = 512 / step time.
-* ``tg128``  128 single-token decode steps from an empty sequence, each followed by greedy
-  sampling through ``native.Sampler`` (sample + decode per token, as a completion runs).
-* ``tg128-nosample``  the same 128 decode steps feeding a fixed token: the decode alone.
+* ``pp512`` (JSON ``pp``): one ``Context.step`` of 512 prompt tokens into an empty
+  sequence (cleared between repetitions); tokens/s = 512 / step time.
+* ``tg128`` (JSON ``tg``): 128 single-token decode steps from an empty sequence, each
+  preceded by greedy sampling through ``native.Sampler`` (sample + decode per token, as a
+  completion runs).
+* ``tg128`` decode only (JSON ``tg_nosample``): the same 128 steps feeding a fixed token.
 
 Each repetition runs the three measurements back to back, so machine drift affects them
 alike; the table reports the median and the min/max over repetitions. ``--thread`` selects
 where the decodes run: ``main`` (the main thread), ``worker`` (one dedicated
 ``threading.Thread`` that creates the context and does every decode of it, as the runtime
 does), or ``mixed`` (the warm-up decodes on the main thread, the measured ones on the
-worker: the pattern that slows the OpenMP build down, see ``/work/shared/BUILD.md``).
+worker: with an OpenMP build, libgomp keeps a thread team per calling thread and stops
+spinning once its threads outnumber the CPUs, which slows every later decode).
 
 The last output line is a JSON object for scripts. Run ``--help`` for the options.
 """
@@ -32,44 +34,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cpuload import LoadMeter
 from erllama.backend.llama import native
 
 METRICS = ("pp", "tg", "tg_nosample")
-BUSY_WARN = 0.2
-
-
-def cpu_busy_s() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class LoadMeter:
-    """CPU cores used by other processes (and steal) while a block runs.
-
-    ggml's threads spin, so another process taking a core stalls every barrier of a
-    decode: a repetition that ran beside such load is not comparable, and this says so.
-    """
-
-    def __enter__(self):
-        self.wall0, self.busy0, self.own0 = time.perf_counter(), cpu_busy_s(), self._own()
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.wall0
-        busy = cpu_busy_s()
-        self.other = None if busy is None or self.busy0 is None else \
-            max(0.0, (busy - self.busy0 - (self._own() - self.own0)) / wall)
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,10 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="GGUF file (default: the Gemma 3 270M model erllama assembles)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (n_threads and n_threads_batch)")
     p.add_argument("--reps", type=int, default=5, help="measured repetitions (after one warm-up)")
-    p.add_argument("--thread", choices=("main", "worker", "mixed"), default="main",
+    p.add_argument("--thread", choices=("main", "worker", "mixed"), default="worker",
                    help="the Python thread that runs the decodes")
     p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test")
     p.add_argument("--tg", type=int, default=128, help="generated tokens for the generation tests")
+    p.add_argument("--max-other", type=float, default=0.2,
+                   help="drop and repeat a repetition during which other processes used more cores")
+    p.add_argument("--max-dropped", type=int, default=10,
+                   help="repetitions dropped at most; later disturbed ones are kept and flagged")
     p.add_argument("--label", default="", help="free text copied into the JSON line (e.g. the build)")
     args = p.parse_args(argv)
     if args.reps < 1 or args.threads < 1 or args.pp < 1 or args.tg < 1:
@@ -140,7 +112,7 @@ class Bench:
         ctx.seq_clear(0)
         return self.n_tg / dt
 
-    def rep(self) -> dict[str, float]:
+    def rep(self) -> dict:
         """One repetition of every measurement, recording the thread that ran it."""
         with LoadMeter() as load:
             out = {name: getattr(self, name)() for name in METRICS}
@@ -149,6 +121,7 @@ class Bench:
         return out
 
     def free(self) -> None:
+        """Free the sampler and the context (the model belongs to the caller)."""
         self.sampler.free()
         self.ctx.free()
 
@@ -186,7 +159,14 @@ def run(args: argparse.Namespace) -> dict:
                 bench.rep()
             else:
                 on_worker(bench.rep)
-            reps = [on_worker(bench.rep) for _ in range(args.reps)]
+            reps, dropped = [], []
+            while len(reps) < args.reps:
+                r = on_worker(bench.rep)
+                disturbed = r["other_cpu"] is not None and r["other_cpu"] > args.max_other
+                if disturbed and len(dropped) < args.max_dropped:
+                    dropped.append(r)
+                else:
+                    reps.append(r)
         finally:
             on_worker(bench.free)
     finally:
@@ -207,6 +187,7 @@ def run(args: argparse.Namespace) -> dict:
         "thread": args.thread,
         "decode_thread": sorted({r["thread"] for r in reps}),
         "reps": args.reps,
+        "max_other": args.max_other,
         "n_pp": args.pp,
         "n_tg": args.tg,
         "cpus": len(os.sched_getaffinity(0)),
@@ -214,6 +195,8 @@ def run(args: argparse.Namespace) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **{name: summary([r[name] for r in reps]) for name in METRICS},
         "other_cpu": [None if r["other_cpu"] is None else round(r["other_cpu"], 2) for r in reps],
+        "dropped_other_cpu": [round(r["other_cpu"], 2) for r in dropped],
+        "disturbed": any(r["other_cpu"] is not None and r["other_cpu"] > args.max_other for r in reps),
     }
 
 
@@ -235,9 +218,12 @@ def report(res: dict) -> None:
     busy = [x for x in res["other_cpu"] if x is not None]
     if busy:
         print(f"{'other load (cores)':<28} {statistics.median(busy):>11.2f} {min(busy):>9.2f} {max(busy):>9.2f}")
-        if max(busy) > BUSY_WARN:
-            print(f"warning: other processes used up to {max(busy):.2f} cores during a repetition; "
-                  "the numbers are not comparable (see bench/README.md)")
+    if res["dropped_other_cpu"]:
+        print(f"dropped      {len(res['dropped_other_cpu'])} repetitions disturbed by other processes "
+              f"(cores: {', '.join(f'{x:.2f}' for x in res['dropped_other_cpu'])})")
+    if res["disturbed"]:
+        print(f"warning: other processes used more than {res['max_other']} cores during a kept "
+              "repetition; the numbers are not comparable (see bench/README.md)")
     print()
     print(json.dumps({k: v for k, v in res.items() if k != "system_info"}, sort_keys=False))
 

@@ -24,6 +24,7 @@ from libcpp.vector cimport vector
 from erllama.includes cimport llama as L
 
 import atexit
+import errno
 import logging
 import os
 import stat

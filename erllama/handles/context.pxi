@@ -386,7 +386,7 @@ cdef class Context:
         cdef bytes blob
         cdef uint8_t * cblob
         cdef int seq
-        with self._lock:
+        with self._lock, _NativeErrors("state_get"):
             self._ensure_alive()
             self._check_seq(seq_id)
             seq = seq_id
@@ -458,7 +458,7 @@ cdef class Context:
         k = <int32_t>toks.size()
         if k == 0:
             raise errors.EmptyPrompt("cannot embed an empty token list")
-        with self._lock:
+        with self._lock, _NativeErrors("embed"):
             self._ensure_alive()
             self._check_seq(seq_id)
             if k > self.n_batch:

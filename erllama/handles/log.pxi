@@ -113,3 +113,9 @@ def device_memory():
             "total": total_b,
         })
     return out
+
+
+def _inject_log(int level, text):
+    """Feed a fragment to the log callback as llama.cpp would (for tests of line assembly)."""
+    cdef bytes b = text.encode("utf-8")
+    L.erl_log_callback(<L.ggml_log_level>level, b, NULL)

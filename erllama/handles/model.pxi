@@ -321,7 +321,7 @@ cdef class Model:
         n = len(btext)
         ctext = btext
         cap = n + 8
-        with self._lock:
+        with self._lock, _NativeErrors("tokenize"):
             self._ensure_usable()
             for _ in range(2):
                 buf.resize(cap)
@@ -342,7 +342,7 @@ cdef class Model:
         cdef char small[64]
         cdef int32_t r
         cdef bytes big
-        with self._lock:
+        with self._lock, _NativeErrors("token_to_piece"):
             self._ensure_alive()
             self._check_token(token)
             r = L.llama_token_to_piece(self._vocab, token, small, sizeof(small), 0, special)
@@ -362,7 +362,7 @@ cdef class Model:
         if toks.size() == 0:
             return ""
         cap = <int32_t>toks.size() * 8 + 16
-        with self._lock:
+        with self._lock, _NativeErrors("detokenize"):
             self._ensure_usable()
             for _ in range(2):
                 out = PyBytes_FromStringAndSize(NULL, cap)
@@ -443,8 +443,9 @@ def apply_chat_template(template, messages, bint add_assistant=True):
     cap = <int32_t>(total * 2 + 1024)
     for _ in range(2):
         out = PyBytes_FromStringAndSize(NULL, cap)
-        r = L.llama_chat_apply_template(btmpl, msgs.data(), msgs.size(), add_assistant,
-                                        PyBytes_AS_STRING(out), cap)
+        with _NativeErrors("chat template"):
+            r = L.llama_chat_apply_template(btmpl, msgs.data(), msgs.size(), add_assistant,
+                                            PyBytes_AS_STRING(out), cap)
         if r < 0:
             raise errors.TemplateError(f"llama.cpp cannot apply the chat template {template[:80]!r}")
         if r <= cap:

@@ -83,8 +83,10 @@ cdef class Sampler:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(cseed))
             else:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            if isinstance(exc, Exception) and not isinstance(exc, errors.ErllamaError):
+                raise errors.NativeError(f"llama.cpp failed to build a sampler chain: {exc}") from exc
             raise
         self.params = {
             "grammar": grammar, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -143,7 +145,7 @@ cdef class Sampler:
         cdef L.llama_token tok
         if ctx.model is not self.model:
             raise errors.InvalidParameter("sampler and context belong to different models")
-        with self._lock:
+        with self._lock, _NativeErrors("sample"):
             self._ensure_alive()
             with ctx._lock:
                 idx = ctx._logits_index(seq_id)
@@ -159,7 +161,7 @@ cdef class Sampler:
         cdef L.llama_token tok
         if src.shape[0] != n:
             raise errors.InvalidParameter(f"logits hold {src.shape[0]} values, expected n_vocab={n}")
-        with self._lock:
+        with self._lock, _NativeErrors("sample_logits"):
             self._ensure_alive()
             if self._cand == NULL:
                 self._cand = <L.llama_token_data *>malloc(n * sizeof(L.llama_token_data))
@@ -185,7 +187,7 @@ cdef class Sampler:
         """Feed tokens into the chain's state (penalties, grammar) without sampling."""
         cdef vector[L.llama_token] toks
         _fill_tokens(tokens, toks, self._n_vocab, "tokens")
-        with self._lock:
+        with self._lock, _NativeErrors("sampler accept"):
             self._ensure_alive()
             for i in range(toks.size()):
                 L.llama_sampler_accept(self._ptr, toks[i])

@@ -1,6 +1,7 @@
 # Shared helpers: live-object counters, token conversion, paths, CRC32C, load-failure
 # classification.
 
+import re
 from operator import index as _index
 
 cdef dict _live = {"Model": 0, "Context": 0, "Sampler": 0, "Adapter": 0}
@@ -57,6 +58,8 @@ cdef bytes _fs_path(object path, str what):
     st = os.stat(b)   # FileNotFoundError / PermissionError propagate as they are
     if not stat.S_ISREG(st.st_mode):
         raise errors.MalformedGGUF(f"{what} {os.fsdecode(b)!r} is not a regular file")
+    if not os.access(b, os.R_OK):
+        raise PermissionError(errno.EACCES, f"{what} is not readable", os.fsdecode(b))
     return b
 
 
@@ -74,37 +77,64 @@ def crc32c(data, unsigned int crc=0):
     return r
 
 
-_MEMORY_WORDS = ("out of memory", "failed to allocate", "unable to allocate", "cannot allocate",
-                 "bad_alloc", "mmap failed", "failed to mmap", "mlock")
-_MALFORMED_WORDS = ("gguf", "magic", "key-value", "tensor", "vocab", "architecture", "hparam",
+_IO_WORDS = ("permission denied", "no such file", "input/output error", "is a directory",
+             "too many open files", "read-only file system", "failed to open")
+_MEMORY_WORDS = ("out of memory", "unable to allocate", "cannot allocate", "bad_alloc", "mmap failed",
+                 "failed to mmap", "mlock failed", "failed to allocate buffer of size",
+                 "failed to allocate cpu buffer")
+_MALFORMED_WORDS = ("gguf", "magic", "key-value", "tensor", "vocab", "architecture", "arch ", "hparam",
                     "failed to read", "file bounds", "wrong", "missing", "invalid", "unknown",
                     "unsupported", "corrupt", "key not found", "shape", "version", "alignment",
-                    "overflow", "out of range", "too many", "n_dims", "type")
-
-
-_GENERIC_FAILURES = ("failed to load model", "error loading model: llama_model_loader: failed to load",
-                     "failed to initialize", "failed to load adapter")
+                    "overflow", "out of range", "too many", "n_dims", "type", "mismatch", "lora")
+# a rank-0 LoRA "fails to allocate" a zero-size buffer: that is a bad file, not memory
+_ALLOC_FAILURE = re.compile(r"failed to allocate (?!buffer for lora)")
+_GENERIC_FAILURES = re.compile(
+    r"(llama_model_load_from_file_impl: failed to load model$|"
+    r"error loading model: llama_model_loader: failed to load model from |"
+    r"failed to load adapter$|llama_adapter_lora_init: failed to apply lora adapter:?$)")
 
 
 def classify_load_failure(path, lines, what="model"):
     """Turn the llama.cpp log lines of a failed load into ``MalformedGGUF`` or ``LoadFailed``.
 
     ``lines`` are strings or ``(level, line)`` pairs (see :func:`recent_log_records`).
-    Allocation and mapping failures are ``LoadFailed``; a loader complaint about the file's
-    format or contents is ``MalformedGGUF``; anything else is ``LoadFailed``. The message
-    carries the specific error lines, not only llama.cpp's generic "failed to load".
+    I/O, allocation and mapping failures are ``LoadFailed``; a loader complaint about the
+    file's format or contents is ``MalformedGGUF``; anything else is ``LoadFailed``. The
+    path is removed from the lines before matching (a directory named ``mlock`` must not
+    change the verdict), and the message carries the specific error lines, not only
+    llama.cpp's generic "failed to load".
     """
     records = [ln if isinstance(ln, tuple) else (logging.ERROR, ln) for ln in lines]
     records = [(lvl, ln.strip()) for lvl, ln in records if ln and ln.strip()]
     errs = [ln for lvl, ln in records if lvl >= logging.ERROR] or [ln for _, ln in records]
-    specific = [ln for ln in errs if not any(g in ln for g in _GENERIC_FAILURES)]
+    specific = [ln for ln in errs if not _GENERIC_FAILURES.search(ln)]
     detail = "; ".join(specific[:3]) or (errs[-1] if errs else "no log output")
-    text = " ".join(errs).lower()
-    if any(w in text for w in _MEMORY_WORDS):
+    text = " ".join(specific).replace(str(path), "<path>").lower()
+    if any(w in text for w in _IO_WORDS) or any(w in text for w in _MEMORY_WORDS) \
+            or _ALLOC_FAILURE.search(text):
         return errors.LoadFailed(f"failed to load {what} {path!r}: {detail}")
     if any(w in text for w in _MALFORMED_WORDS):
         return errors.MalformedGGUF(f"{path!r} is not a valid GGUF {what}: {detail}")
     return errors.LoadFailed(f"failed to load {what} {path!r}: {detail}")
+
+
+@cython.final
+cdef class _NativeErrors:
+    """Context manager: a C++ exception that crossed a llama.cpp call (converted by Cython to a
+    builtin exception) becomes ``errors.NativeError`` naming the operation."""
+
+    cdef str what
+
+    def __cinit__(self, str what):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, t, v, tb):
+        if v is not None and isinstance(v, Exception) and not isinstance(v, errors.ErllamaError):
+            raise errors.NativeError(f"llama.cpp failed in {self.what}: {type(v).__name__}: {v}") from v
+        return False
 
 
 cdef inline int _check_int(object value, str name, long long lo, long long hi) except -1:

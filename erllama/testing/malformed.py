@@ -17,13 +17,13 @@ them for parametrised tests:
     ``ctx.step``), ``"adapter_load"`` or ``"adapter_decode"`` (the writer writes a LoRA for
     the valid tiny model; the process dies loading it or at the first decode after
     ``ctx.set_adapters``). ``observed`` is the exit status seen when probing (``"SIGABRT"``,
-    ``"SIGFPE"``, ``"SIGSEGV"``, ...). **Never load these in the test process**; use a child
-    process (see :func:`probe`).
+    ``"SIGFPE"``, ``"SIGSEGV"``, ...); ``ABORT_LOG[name]`` is the last line llama.cpp printed.
+    **Never load these in the test process**; use a child process (see :func:`probe`).
 
 Byte-level corruptions start from :func:`erllama.testing.tinymodel.write_tiny_model`
 output; structural variants are written by :func:`write_spec` from a :class:`Spec` that
-:func:`llama_spec` builds with the tiny model's keys, vocabulary and weights (with
-:func:`llama_spec` defaults the result loads and decodes like the tiny model).
+:func:`llama_spec` builds with the tiny model's keys, vocabulary and tensor shapes (fresh
+random weights; with the defaults the result loads and decodes like the tiny model).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import numpy as np
 from erllama.testing.tinymodel import N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, tiny_vocab, write_tiny_model
 
 __all__ = [
-    "KV", "TensorSpec", "Spec", "llama_spec", "lora_spec", "write_spec", "tiny_layout",
-    "ALL_CASES", "ADAPTER_CASES", "ABORT_CASES", "EXPECTED", "ADAPTER_EXPECTED", "probe",
+    "KV", "TensorSpec", "Spec", "llama_spec", "lora_spec", "spec_bytes", "write_spec", "tiny_layout",
+    "ALL_CASES", "ADAPTER_CASES", "ABORT_CASES", "ABORT_LOG", "EXPECTED", "ADAPTER_EXPECTED", "probe",
 ]
 
 # GGUF value types (gguf.GGUFValueType)
@@ -542,10 +542,11 @@ def directory(path):
     return path
 
 
-# name -> writer. EXPECTED[name] is the exception class name Model.load raises
-# ("MalformedGGUF" or "LoadFailed"), as observed.
+# name -> writer. EXPECTED[name] is (exception class name, a fragment of its message) as
+# observed: "MalformedGGUF" means exactly that class; "LoadFailed" means any LoadFailed (the
+# binding raises plain LoadFailed today although the file is arguably malformed).
 ALL_CASES: dict[str, Callable[[Any], Path]] = {}
-EXPECTED: dict[str, str] = {}
+EXPECTED: dict[str, tuple[str, str]] = {}
 
 
 def _register(table, expected_table, name, writer, expected):
@@ -553,67 +554,83 @@ def _register(table, expected_table, name, writer, expected):
     expected_table[name] = expected
 
 
-for _name, _w, _exp in [
-    ("empty", empty, "MalformedGGUF"),
-    ("text_file", text_file, "MalformedGGUF"),
-    ("bad_magic", bad_magic, "MalformedGGUF"),
-    ("magic_only", magic_only, "MalformedGGUF"),
-    ("version_0", version_0, "MalformedGGUF"),
-    ("version_1", version_1, "MalformedGGUF"),
-    ("version_4", version_4, "MalformedGGUF"),
-    ("version_999", version_999, "MalformedGGUF"),
-    ("version_big_endian", version_big_endian, "MalformedGGUF"),
-    ("truncated_header", truncated_header, "MalformedGGUF"),
-    ("truncated_header_end", truncated_header_end, "MalformedGGUF"),
-    ("truncated_kv_key", truncated_kv_key, "MalformedGGUF"),
-    ("truncated_kv_array", truncated_kv_array, "MalformedGGUF"),
-    ("truncated_tensor_info", truncated_tensor_info, "MalformedGGUF"),
-    ("truncated_tensor_info_end", truncated_tensor_info_end, "MalformedGGUF"),
-    ("truncated_before_data", truncated_before_data, "MalformedGGUF"),
-    ("truncated_tensor_data", truncated_tensor_data, "MalformedGGUF"),
-    ("truncated_last_byte", truncated_last_byte, "MalformedGGUF"),
-    ("tensor_offset_past_eof", tensor_offset_past_eof, "MalformedGGUF"),
-    ("tensor_offset_misaligned", tensor_offset_misaligned, "MalformedGGUF"),
-    ("tensor_data_past_eof", tensor_data_past_eof, "MalformedGGUF"),
-    ("n_tensors_huge", n_tensors_huge, "MalformedGGUF"),
-    ("n_kv_huge", n_kv_huge, "MalformedGGUF"),
-    ("n_kv_plus_one", n_kv_plus_one, "MalformedGGUF"),
-    ("n_tensors_plus_one", n_tensors_plus_one, "MalformedGGUF"),
-    ("kv_string_len_huge", kv_string_len_huge, "MalformedGGUF"),
-    ("kv_string_len_past_eof", kv_string_len_past_eof, "MalformedGGUF"),
-    ("kv_key_len_huge", kv_key_len_huge, "MalformedGGUF"),
-    ("kv_array_len_huge", kv_array_len_huge, "MalformedGGUF"),
-    ("kv_invalid_type", kv_invalid_type, "MalformedGGUF"),
-    ("tensor_n_dims_huge", tensor_n_dims_huge, "MalformedGGUF"),
-    ("tensor_invalid_type", tensor_invalid_type, "MalformedGGUF"),
-    ("tensor_removed_type", tensor_removed_type, "MalformedGGUF"),
-    ("tensor_dim_negative", tensor_dim_negative, "MalformedGGUF"),
-    ("tensor_dims_overflow", tensor_dims_overflow, "MalformedGGUF"),
-    ("missing_block_count", missing_block_count, "MalformedGGUF"),
-    ("missing_embedding_length", missing_embedding_length, "MalformedGGUF"),
-    ("missing_context_length", missing_context_length, "MalformedGGUF"),
-    ("missing_architecture", missing_architecture, "MalformedGGUF"),
-    ("missing_token_list", missing_token_list, "MalformedGGUF"),
-    ("unknown_architecture", unknown_architecture, "MalformedGGUF"),
-    ("unknown_tokenizer", unknown_tokenizer, "MalformedGGUF"),
-    ("wrong_key_type", wrong_key_type, "MalformedGGUF"),
-    ("wrong_tensor_shape", wrong_tensor_shape, "MalformedGGUF"),
-    ("wrong_embd_shape", wrong_embd_shape, "MalformedGGUF"),
-    ("missing_tensor", missing_tensor, "MalformedGGUF"),
-    ("extra_tensor", extra_tensor, "MalformedGGUF"),
-    ("duplicate_tensor", duplicate_tensor, "MalformedGGUF"),
-    ("duplicate_key", duplicate_key, "MalformedGGUF"),
-    ("tensor_name_too_long", tensor_name_too_long, "MalformedGGUF"),
-    ("rope_dims_mismatch", rope_dims_mismatch, "MalformedGGUF"),
-    ("token_types_short", token_types_short, "MalformedGGUF"),
-    ("token_scores_short", token_scores_short, "MalformedGGUF"),
-    ("token_types_wrong_type", token_types_wrong_type, "MalformedGGUF"),
-    ("alignment_not_pow2", alignment_not_pow2, "MalformedGGUF"),
-    ("alignment_wrong_type", alignment_wrong_type, "MalformedGGUF"),
-    ("fifo", fifo, "MalformedGGUF"),
-    ("directory", directory, "MalformedGGUF"),
+for _name, _w, _exp, _why in [
+    ("empty", empty, "MalformedGGUF", 'failed to read magic'),
+    ("text_file", text_file, "MalformedGGUF", "invalid magic characters: 'this'"),
+    ("bad_magic", bad_magic, "MalformedGGUF", "invalid magic characters: 'GGUX'"),
+    ("magic_only", magic_only, "MalformedGGUF", 'failed to read header'),
+    ("version_0", version_0, "MalformedGGUF", 'bad GGUF version: 0'),
+    ("version_1", version_1, "MalformedGGUF", 'GGUFv1 is no longer supported'),
+    ("version_4", version_4, "MalformedGGUF", 'version 4 but this software only supports up to version 3'),
+    ("version_999", version_999, "MalformedGGUF", 'version 999 but'),
+    ("version_big_endian", version_big_endian, "MalformedGGUF", 'failed to read header'),
+    ("truncated_header", truncated_header, "MalformedGGUF", 'failed to read header'),
+    ("truncated_header_end", truncated_header_end, "MalformedGGUF", 'failed to read key-value pairs'),
+    ("truncated_kv_key", truncated_kv_key, "MalformedGGUF", 'exceeds remaining file size'),
+    ("truncated_kv_array", truncated_kv_array, "MalformedGGUF", 'failed to read key-value pairs'),
+    ("truncated_tensor_info", truncated_tensor_info, "MalformedGGUF", 'failed to read tensor info'),
+    ("truncated_tensor_info_end", truncated_tensor_info_end, "MalformedGGUF", 'failed to read tensor info'),
+    ("truncated_before_data", truncated_before_data, "MalformedGGUF",
+     "'token_embd.weight' data is not within the file bounds"),
+    ("truncated_tensor_data", truncated_tensor_data, "MalformedGGUF", 'data is not within the file bounds'),
+    ("truncated_last_byte", truncated_last_byte, "MalformedGGUF",
+     "'blk.1.ffn_down.weight' data is not within the file bounds"),
+    ("tensor_offset_past_eof", tensor_offset_past_eof, "MalformedGGUF", 'has offset 1099511627776'),
+    ("tensor_offset_misaligned", tensor_offset_misaligned, "MalformedGGUF",
+     "'blk.1.ffn_down.weight' has offset"),
+    ("tensor_data_past_eof", tensor_data_past_eof, "MalformedGGUF",
+     "'blk.1.ffn_down.weight' data is not within the file bounds"),
+    ("n_tensors_huge", n_tensors_huge, "MalformedGGUF", 'number of tensors is 4611686018427387904'),
+    ("n_kv_huge", n_kv_huge, "MalformedGGUF", 'number of key value pairs is 4611686018427387904'),
+    ("n_kv_plus_one", n_kv_plus_one, "MalformedGGUF", 'exceeds maximum'),
+    ("n_tensors_plus_one", n_tensors_plus_one, "MalformedGGUF", 'invalid ggml type'),
+    ("kv_string_len_huge", kv_string_len_huge, "MalformedGGUF",
+     'string length 4611686018427387904 exceeds maximum'),
+    ("kv_string_len_past_eof", kv_string_len_past_eof, "MalformedGGUF",
+     'string length 1048576 exceeds remaining file size'),
+    ("kv_key_len_huge", kv_key_len_huge, "MalformedGGUF",
+     'string length 4611686018427387904 exceeds maximum'),
+    ("kv_array_len_huge", kv_array_len_huge, "MalformedGGUF", 'failed to read key-value pairs'),
+    ("kv_invalid_type", kv_invalid_type, "MalformedGGUF", "key 'general.name' has invalid GGUF type 99"),
+    ("tensor_n_dims_huge", tensor_n_dims_huge, "MalformedGGUF", 'invalid number of dimensions: 1000 > 4'),
+    ("tensor_invalid_type", tensor_invalid_type, "MalformedGGUF", 'invalid ggml type 200'),
+    ("tensor_removed_type", tensor_removed_type, "MalformedGGUF", 'not a multiple of block size'),
+    ("tensor_dim_negative", tensor_dim_negative, "MalformedGGUF", 'has invalid number of elements'),
+    ("tensor_dims_overflow", tensor_dims_overflow, "MalformedGGUF", 'may cause overflow errors'),
+    ("missing_block_count", missing_block_count, "MalformedGGUF",
+     'key not found in model: llama.block_count'),
+    ("missing_embedding_length", missing_embedding_length, "MalformedGGUF",
+     'key not found in model: llama.embedding_length'),
+    ("missing_context_length", missing_context_length, "MalformedGGUF",
+     'key not found in model: llama.context_length'),
+    ("missing_architecture", missing_architecture, "MalformedGGUF", "unknown model architecture: ''"),
+    ("missing_token_list", missing_token_list, "MalformedGGUF", 'cannot find tokenizer vocab'),
+    ("unknown_architecture", unknown_architecture, "MalformedGGUF",
+     "unknown model architecture: 'notanarch'"),
+    ("unknown_tokenizer", unknown_tokenizer, "MalformedGGUF", "unknown tokenizer: 'bogus'"),
+    ("wrong_key_type", wrong_key_type, "MalformedGGUF", 'key llama.block_count has wrong type'),
+    ("wrong_tensor_shape", wrong_tensor_shape, "MalformedGGUF",
+     "tensor 'blk.0.attn_q.weight' has wrong shape"),
+    ("wrong_embd_shape", wrong_embd_shape, "MalformedGGUF", "tensor 'token_embd.weight' has wrong shape"),
+    ("missing_tensor", missing_tensor, "MalformedGGUF", "tensor 'blk.1.ffn_down.weight' not found"),
+    ("extra_tensor", extra_tensor, "MalformedGGUF", 'wrong number of tensors; expected 22, got 21'),
+    ("duplicate_tensor", duplicate_tensor, "MalformedGGUF", "duplicate tensor name 'output_norm.weight'"),
+    ("duplicate_key", duplicate_key, "MalformedGGUF", "duplicate key 'llama.block_count'"),
+    ("tensor_name_too_long", tensor_name_too_long, "MalformedGGUF", 'is too long: 100 >= 64'),
+    ("rope_dims_mismatch", rope_dims_mismatch, "MalformedGGUF", 'invalid n_rot: 8, expected 16'),
+    ("token_types_short", token_types_short, "MalformedGGUF",
+     'Index out of array bounds for toktypes (10 < 306)'),
+    ("token_scores_short", token_scores_short, "MalformedGGUF",
+     'Index out of array bounds for scores (10 < 306)'),
+    ("token_types_wrong_type", token_types_wrong_type, "MalformedGGUF",
+     'invalid gguf type for tokenizer.ggml.token_type'),
+    ("alignment_not_pow2", alignment_not_pow2, "MalformedGGUF", 'alignment 48 is not a power of 2'),
+    ("alignment_wrong_type", alignment_wrong_type, "MalformedGGUF",
+     "key 'general.alignment' must be of type u32 but is str"),
+    ("fifo", fifo, "MalformedGGUF", 'is not a regular file'),
+    ("directory", directory, "MalformedGGUF", 'is not a regular file'),
 ]:
-    _register(ALL_CASES, EXPECTED, _name, _w, _exp)
+    _register(ALL_CASES, EXPECTED, _name, _w, (_exp, _why))
 
 
 # ---- LoRA adapter cases that fail cleanly ----------------------------------------------------
@@ -666,33 +683,158 @@ def lora_truncated(path):
     return _put(path, data[: len(data) - 700])
 
 
+lora_rank_0 = _lora_case("A LoRA of rank 0 (lora_a 64x0, lora_b 0xN): nothing to allocate.", lambda s: None, rank=0)
+
+
 def lora_is_model(path):
     """A full model file (the tiny model) given as an adapter."""
     return write_tiny_model(path)
 
 
 ADAPTER_CASES: dict[str, Callable[[Any], Path]] = {}
-ADAPTER_EXPECTED: dict[str, str] = {}
-for _name, _w, _exp in [
-    ("lora_empty", lora_empty, "MalformedGGUF"),
-    ("lora_bad_magic", lora_bad_magic, "MalformedGGUF"),
-    ("lora_arch_mismatch", lora_arch_mismatch, "MalformedGGUF"),
-    ("lora_not_adapter", lora_not_adapter, "MalformedGGUF"),
-    ("lora_not_lora", lora_not_lora, "MalformedGGUF"),
-    ("lora_wrong_shape", lora_wrong_shape, "MalformedGGUF"),
-    ("lora_rank_mismatch", lora_rank_mismatch, "MalformedGGUF"),
-    ("lora_missing_b", lora_missing_b, "MalformedGGUF"),
-    ("lora_unknown_tensor", lora_unknown_tensor, "MalformedGGUF"),
-    ("lora_bad_suffix", lora_bad_suffix, "MalformedGGUF"),
-    ("lora_truncated", lora_truncated, "MalformedGGUF"),
-    ("lora_is_model", lora_is_model, "MalformedGGUF"),
+ADAPTER_EXPECTED: dict[str, tuple[str, str]] = {}
+for _name, _w, _exp, _why in [
+    ("lora_empty", lora_empty, "MalformedGGUF", 'failed to read magic'),
+    ("lora_bad_magic", lora_bad_magic, "MalformedGGUF", "invalid magic characters: 'GGUX'"),
+    ("lora_arch_mismatch", lora_arch_mismatch, "MalformedGGUF", 'model arch and LoRA arch mismatch'),
+    ("lora_not_adapter", lora_not_adapter, "MalformedGGUF",
+     "expect general.type to be 'adapter', but got: model"),
+    ("lora_not_lora", lora_not_lora, "MalformedGGUF",
+     "expect adapter.type to be 'lora', but got: control_vector"),
+    ("lora_wrong_shape", lora_wrong_shape, "MalformedGGUF",
+     "tensor 'blk.0.attn_q.weight' has incorrect shape"),
+    ("lora_rank_mismatch", lora_rank_mismatch, "MalformedGGUF", 'lora_a tensor is not transposed'),
+    ("lora_missing_b", lora_missing_b, "MalformedGGUF",
+     "LoRA tensor pair for 'blk.0.attn_q.weight' is missing one component"),
+    ("lora_unknown_tensor", lora_unknown_tensor, "MalformedGGUF",
+     "LoRA tensor 'blk.7.attn_q.weight' does not exist in base model"),
+    ("lora_bad_suffix", lora_bad_suffix, "MalformedGGUF", 'has unexpected suffix'),
+    ("lora_truncated", lora_truncated, "MalformedGGUF", 'data is not within the file bounds'),
+    ("lora_is_model", lora_is_model, "MalformedGGUF", "expect general.type to be 'adapter', but got:"),
+    ("lora_rank_0", lora_rank_0, "MalformedGGUF", 'failed to allocate buffer for lora adapter'),
 ]:
-    _register(ADAPTER_CASES, ADAPTER_EXPECTED, _name, _w, _exp)
+    _register(ADAPTER_CASES, ADAPTER_EXPECTED, _name, _w, (_exp, _why))
 
 
 # ---- files that kill the process (probe only in a child process) -----------------------------
 
+def _set(key, value, vtype=None, sub=None):
+    return lambda s: s.set(key, value, vtype, sub)
+
+
+abort_block_count_0 = _spec_case("``llama.block_count`` is 0 (no tensors for layers).", lambda s: None, n_layer=0)
+abort_block_count_huge = _spec_case("``llama.block_count`` is 1000 (LLAMA_MAX_LAYERS is 512).",
+                                    _set("llama.block_count", 1000))
+abort_expert_used_without_experts = _spec_case("``llama.expert_used_count`` is 2 but the model has no experts.",
+                                               _set("llama.expert_used_count", 2, U32))
+abort_expert_count_huge = _spec_case("``llama.expert_count`` is 5000 (LLAMA_MAX_EXPERTS is 1024).",
+                                     _set("llama.expert_count", 5000, U32))
+abort_rope_scaling_unknown = _spec_case("``llama.rope.scaling.type`` is ``bogus``.",
+                                        _set("llama.rope.scaling.type", "bogus", STR))
+abort_nextn_layers_gt_blocks = _spec_case("``llama.nextn_predict_layers`` is 5 for a 2-layer model.",
+                                          _set("llama.nextn_predict_layers", 5, U32))
+abort_head_count_0 = _spec_case("``llama.attention.head_count`` (and _kv) are 0; q/k/v tensors are 64x0.",
+                                lambda s: None, n_head=0, n_head_kv=0)
+abort_n_ff_0 = _spec_case("``llama.feed_forward_length`` is 0; the ffn tensors are 64x0 / 0x64.",
+                          lambda s: None, n_ff=0)
+abort_n_embd_0 = _spec_case("``llama.embedding_length`` is 0; all tensors shaped to match.",
+                            lambda s: None, n_embd=0)
+
+
+def _dup_token(s: Spec) -> None:
+    toks = list(s.get("tokenizer.ggml.tokens").value)
+    toks[2] = toks[1]
+    s.set("tokenizer.ggml.tokens", toks)
+
+
+abort_duplicate_token = _spec_case("Token 2 has the same text as token 1 (``<s>``).", _dup_token)
+abort_head_count_kv_gt_head = _spec_case("head_count 2, head_count_kv 4 (more KV heads than heads), shapes consistent.",
+                                         lambda s: None, n_head=2, n_head_kv=4)
+abort_head_count_kv_not_dividing = _spec_case("head_count 4, head_count_kv 3 (does not divide), shapes consistent.",
+                                              lambda s: None, n_head=4, n_head_kv=3)
+abort_head_count_kv_layer_zero = _spec_case("``llama.attention.head_count_kv`` is the per-layer array [2, 0].",
+                                            _set("llama.attention.head_count_kv", [2, 0], ARR, U32))
+abort_empty_token_list = _spec_case("An empty ``tokenizer.ggml.tokens`` (0-token vocabulary, add_bos true).",
+                                    lambda s: None, tokens=[])
+abort_one_token_vocab = _spec_case("A 1-token SPM vocabulary: the BOS id is out of range but add_bos is true.",
+                                   lambda s: None, tokens=["<unk>"])
+abort_bert_small_vocab = _spec_case("A 50-token ``bert`` (WPM) vocabulary: no SEP token (default id 102).",
+                                    _set("tokenizer.ggml.model", "bert"), tokens=[f"t{i}" for i in range(50)])
+abort_head_count_odd_head_dim = _spec_case("head_count 3, n_embd 64: head dim 21 (odd rope dims), consistent shapes.",
+                                           lambda s: None, n_head=3, n_head_kv=3)
+abort_embd_odd_head_dim = _spec_case("n_embd 60 with 4 heads: head dim 15 (odd rope dims), shapes consistent.",
+                                     lambda s: None, n_embd=60)
+
+abort_lora_general_type_not_str = _lora_case("A LoRA whose ``general.type`` is a u32.", _set("general.type", 7, U32))
+abort_lora_arch_not_str = _lora_case("A LoRA whose ``general.architecture`` is a u32.",
+                                     _set("general.architecture", 7, U32))
+abort_lora_adapter_type_not_str = _lora_case("A LoRA whose ``adapter.type`` is a u32.", _set("adapter.type", 7, U32))
+abort_lora_alpha_not_f32 = _lora_case("A LoRA whose ``adapter.lora.alpha`` is a string.",
+                                      _set("adapter.lora.alpha", "eight", STR))
+abort_lora_a_3d = _lora_case(
+    "``blk.0.attn_q.weight.lora_a`` is 3-D (2x4x64): passes the 2-D shape checks, breaks the mul_mat.",
+    lambda s: s.put_tensor("blk.0.attn_q.weight.lora_a", np.zeros((2, 4, N_EMBD), np.float32)))
+abort_lora_b_3d = _lora_case(
+    "``blk.0.attn_q.weight.lora_b`` is 3-D (2x64x4): passes the 2-D shape checks, breaks the mul_mat.",
+    lambda s: s.put_tensor("blk.0.attn_q.weight.lora_b", np.zeros((2, N_EMBD, 4), np.float32)))
+
+_M = "src/llama-model.cpp"
+_G = "ggml/src/ggml.c"
+_V = "src/llama-vocab.cpp"
+# name -> (writer, stage, observed). Probed with the pinned llama.cpp (see
+# deps/llama.cpp/.erllama-source); ABORT_LOG holds the last line llama.cpp printed.
 ABORT_CASES: dict[str, tuple[Callable[[Any], Path], str, str]] = {}
+ABORT_LOG: dict[str, str] = {}
+for _name, _w, _stage, _obs, _line in [
+    ("block_count_0", abort_block_count_0, "load", "SIGABRT",
+     f"{_M}:1328: GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS) failed"),
+    ("block_count_huge", abort_block_count_huge, "load", "SIGABRT",
+     f"{_M}:1328: GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS) failed"),
+    ("expert_used_without_experts", abort_expert_used_without_experts, "load", "SIGABRT",
+     f"{_M}:1362: GGML_ASSERT(n_expert_used_max <= hparams.n_expert) failed"),
+    ("expert_count_huge", abort_expert_count_huge, "load", "SIGABRT",
+     f"{_M}:1361: GGML_ASSERT(hparams.n_expert <= LLAMA_MAX_EXPERTS) failed"),
+    ("rope_scaling_unknown", abort_rope_scaling_unknown, "load", "SIGABRT",
+     f"{_M}:1420: GGML_ASSERT(hparams.rope_scaling_type_train != LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED) failed"),
+    ("nextn_layers_gt_blocks", abort_nextn_layers_gt_blocks, "load", "SIGABRT",
+     f"{_M}:1330: GGML_ASSERT(hparams.n_layer_nextn <= hparams.n_layer_all) failed"),
+    ("head_count_0", abort_head_count_0, "load",
+     "SIGABRT", f"{_G}:3355: GGML_ASSERT(!ggml_is_transposed(a)) failed"),
+    ("n_ff_0", abort_n_ff_0, "load", "SIGABRT", f"{_G}:3355: GGML_ASSERT(!ggml_is_transposed(a)) failed"),
+    ("n_embd_0", abort_n_embd_0, "load", "SIGABRT", f"{_G}:3355: GGML_ASSERT(!ggml_is_transposed(a)) failed"),
+    ("duplicate_token", abort_duplicate_token, "load", "SIGABRT",
+     f"{_V}:2544: GGML_ASSERT(id_to_token.size() == token_to_id.size()) failed"),
+    ("head_count_kv_gt_head", abort_head_count_kv_gt_head, "context", "SIGABRT",
+     f"{_G}:5515: GGML_ASSERT(ggml_can_mul_mat(k, q)) failed"),
+    ("head_count_kv_not_dividing", abort_head_count_kv_not_dividing, "context", "SIGABRT",
+     f"{_G}:5515: GGML_ASSERT(ggml_can_mul_mat(k, q)) failed"),
+    ("head_count_kv_layer_zero", abort_head_count_kv_layer_zero, "context", "SIGABRT",
+     f"{_G}:4014: GGML_ASSERT(a->ne[0] == b->ne[0]) failed"),
+    ("empty_token_list", abort_empty_token_list, "tokenize", "SIGABRT",
+     f"{_V}:3443: GGML_ASSERT(special_bos_id != LLAMA_TOKEN_NULL) failed"),
+    ("one_token_vocab", abort_one_token_vocab, "tokenize", "SIGABRT",
+     f"{_V}:3443: GGML_ASSERT(special_bos_id != LLAMA_TOKEN_NULL) failed"),
+    ("bert_small_vocab", abort_bert_small_vocab, "tokenize", "SIGABRT",
+     f"{_V}:3547: GGML_ASSERT(special_sep_id != LLAMA_TOKEN_NULL) failed"),
+    ("head_count_odd_head_dim", abort_head_count_odd_head_dim, "decode", "SIGABRT",
+     "ggml/src/ggml-cpu/ops.cpp:6356: GGML_ASSERT(n_dims % 2 == 0) failed"),
+    ("embd_odd_head_dim", abort_embd_odd_head_dim, "decode", "SIGABRT",
+     "ggml/src/ggml-cpu/ops.cpp:6356: GGML_ASSERT(n_dims % 2 == 0) failed"),
+    ("lora_general_type_not_str", abort_lora_general_type_not_str, "adapter_load", "SIGABRT",
+     "ggml/src/gguf.cpp:196: GGML_ASSERT(type_to_gguf_type<T>::value == type) failed"),
+    ("lora_arch_not_str", abort_lora_arch_not_str, "adapter_load", "SIGABRT",
+     "ggml/src/gguf.cpp:196: GGML_ASSERT(type_to_gguf_type<T>::value == type) failed"),
+    ("lora_adapter_type_not_str", abort_lora_adapter_type_not_str, "adapter_load", "SIGABRT",
+     "ggml/src/gguf.cpp:196: GGML_ASSERT(type_to_gguf_type<T>::value == type) failed"),
+    ("lora_alpha_not_f32", abort_lora_alpha_not_f32, "adapter_load", "SIGABRT",
+     "ggml/src/gguf.cpp:196: GGML_ASSERT(type_to_gguf_type<T>::value == type) failed"),
+    ("lora_a_3d", abort_lora_a_3d, "adapter_decode",
+     "SIGABRT", f"{_G}:3354: GGML_ASSERT(ggml_can_mul_mat(a, b)) failed"),
+    ("lora_b_3d", abort_lora_b_3d, "adapter_decode",
+     "SIGABRT", f"{_G}:3354: GGML_ASSERT(ggml_can_mul_mat(a, b)) failed"),
+]:
+    ABORT_CASES[_name] = (_w, _stage, _obs)
+    ABORT_LOG[_name] = _line
 
 
 # ---- probing in a child process --------------------------------------------------------------
@@ -713,6 +855,7 @@ if stage.startswith("adapter"):
     say("OK adapter_load")
     ctx = n.Context.create(model, n_ctx=256, n_threads=1)
     ctx.set_adapters([(ad, 1.0)])
+    say("OK set_adapters")
 else:
     try:
         model = n.Model.load(path)
