@@ -185,6 +185,7 @@ def build_llama() -> dict:
         if all(Path(p).exists() for p in info["libs"]):
             log(f"reusing cached llama.cpp build {out}")
             info["src"] = str(src)
+            info["openmp"] = uses_openmp(info["libs"])
             return info
     cmake = shutil.which("cmake")
     if not cmake:
@@ -199,8 +200,6 @@ def build_llama() -> dict:
         res = subprocess.run(cmd)
         if res.returncode != 0:
             raise BuildError(f"command failed with exit {res.returncode}: {' '.join(cmd)}")
-    cache_txt = (work / "CMakeCache.txt").read_text()
-    openmp = "GGML_OPENMP:BOOL=ON" in cache_txt and "OpenMP_C_FOUND" in cache_txt
     staging = cache_root() / f"staging-{key}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "lib").mkdir(parents=True)
@@ -209,13 +208,19 @@ def build_llama() -> dict:
         dst = staging / "lib" / a.name
         shutil.copy2(a, dst)
         libs.append(str(out / "lib" / a.name))
-    info = {"libs": libs, "openmp": openmp, "cmake_args": args, "source": source_id}
+    info = {"libs": libs, "cmake_args": args, "source": source_id}
     (staging / "build.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     shutil.rmtree(work, ignore_errors=True)
     info["src"] = str(src)
+    info["openmp"] = uses_openmp(info["libs"])
     return info
+
+
+def uses_openmp(libs: list[str]) -> bool:
+    """True when the static libraries call into libgomp (then the extension links -fopenmp)."""
+    return any(b"GOMP_" in Path(p).read_bytes() for p in libs if "ggml" in Path(p).name)
 
 
 def link_order(libs: list[str]) -> list[str]:

@@ -140,3 +140,15 @@ def test_crc32c_matches_reference_bitwise():
         assert native.crc32c(data) == _crc32c_ref(data)
 
     check()
+
+
+def test_openmp_detection_reads_the_libraries(tmp_path):
+    setup = load_setup()
+    omp = tmp_path / "libggml-cpu.a"
+    omp.write_bytes(b"\x00junk GOMP_parallel junk")
+    plain = tmp_path / "libggml-base.a"
+    plain.write_bytes(b"\x00no threads here")
+    assert setup.uses_openmp([str(omp), str(plain)])
+    assert not setup.uses_openmp([str(plain)])
+    info = setup.build_llama()  # the cached default build: -DGGML_OPENMP=OFF
+    assert info["openmp"] is False
