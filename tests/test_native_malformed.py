@@ -16,19 +16,16 @@ import pytest
 from erllama import _native as native
 from erllama import errors
 from erllama.testing import malformed as M
-from erllama.testing.tinymodel import write_tiny_model
 
 
 @pytest.fixture(scope="module")
-def valid_model_path(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("malformed-base") / "tiny.gguf")
+def valid_model_path(tiny_path):
+    return tiny_path
 
 
 @pytest.fixture(scope="module")
-def base_model(valid_model_path):
-    model = native.Model.load(valid_model_path)
-    yield model
-    model.free()
+def base_model(tiny_model):
+    return tiny_model
 
 
 def _live():
