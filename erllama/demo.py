@@ -41,7 +41,8 @@ def run(prompt_tokens: int = 2048, max_tokens: int = 48, n_threads: int | None =
         if len(tokens) >= prompt_tokens:
             tokens = tokens[:prompt_tokens]
             break
-    ctx = native.Context.create(model, n_ctx=2 * (prompt_tokens + max_tokens + 16), n_batch=512,
+    per_seq = -(-(prompt_tokens + max_tokens + 16) // 256) * 256  # llama.cpp pads to 256
+    ctx = native.Context.create(model, n_ctx=2 * per_seq, n_batch=512,
                                 n_seq_max=2, n_threads=n_threads)
     try:
         sampler = native.Sampler(model)
