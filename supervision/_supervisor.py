@@ -418,12 +418,14 @@ def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:
 
 
 def start_supervisor(flags: SupFlags, children: Iterable[ChildSpec] = (), *,
-                     timeout: float | None = None) -> pykka.ActorRef[Supervisor]:
+                     timeout: float | None = None,
+                     clock: Callable[[], float] = time.monotonic) -> pykka.ActorRef[Supervisor]:
     """Start a supervisor and wait until every child has started.
 
     Raises the first child's :class:`StartError` (the supervisor has then stopped).
+    ``clock`` (monotonic seconds) times the restart-intensity window.
     """
-    ref = Supervisor.start(flags, list(children))
+    ref = Supervisor.start(flags, list(children), clock)
     life = life_of(ref)
     if life is None:
         reason = exit_reason(ref)
