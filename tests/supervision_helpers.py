@@ -86,11 +86,11 @@ class Worker(S.Actor):
         return None
 
 
-def worker(name: str, events: Events, *, plan: dict[int, Any] | None = None, stop_delay: float = 0.0,
+def worker(child_id: str, events: Events, *, plan: dict[int, Any] | None = None, stop_delay: float = 0.0,
            **spec: Any) -> S.ChildSpec:
     """A ChildSpec for a :class:`Worker`."""
-    Worker.incarnations.pop(name, None)
-    return S.ChildSpec(name, lambda: Worker.start(name, events, plan, stop_delay), **spec)
+    Worker.incarnations.pop(child_id, None)
+    return S.ChildSpec(child_id, lambda: Worker.start(child_id, events, plan, stop_delay), **spec)
 
 
 def refs(sup) -> dict[str, Any]:

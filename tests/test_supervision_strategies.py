@@ -10,21 +10,9 @@ import pytest
 from supervision_helpers import Events, refs, wait_until, worker
 
 import supervision as S
+from tests_threads import no_actor_threads_left  # noqa: F401  (autouse fixture)
 
 FLAGS = dict(intensity=10, period=5.0)
-
-
-@pytest.fixture(autouse=True)
-def no_actor_threads_left():
-    """Every supervision test ends with no actor thread alive."""
-    before = set(threading.enumerate())
-    yield
-    pykka.ActorRegistry.stop_all(timeout=5)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and set(threading.enumerate()) - before:
-        time.sleep(0.01)
-    left = [t.name for t in set(threading.enumerate()) - before if not t.daemon]
-    assert not left, f"actor threads left alive: {left}"
 
 
 def start(strategy, specs, **flags):
