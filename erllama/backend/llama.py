@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from erllama import _native as native
 
-__all__ = ["native", "greedy_generate"]
+__all__ = ["crc32c", "greedy_generate", "native"]
 
 
 def greedy_generate(ctx: native.Context, sampler: native.Sampler, seq_id: int, n: int) -> list[int]:
@@ -23,3 +23,8 @@ def greedy_generate(ctx: native.Context, sampler: native.Sampler, seq_id: int, n
             break
         ctx.step([(seq_id, [tok])])
     return out
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated where available."""
+    return native.crc32c(data, crc)
