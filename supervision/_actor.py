@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pykka
+from pykka._envelope import Envelope
 
 __all__ = ["Actor", "Down", "ExitReason", "MonitorRef", "demonitor", "exit_reason", "life_of", "monitor"]
 
@@ -95,10 +96,9 @@ class _Life:
         if self.pending_reason is None:
             self.pending_reason = KILLED
         self.ref.actor_stopped.set()
-        try:
-            self.ref.tell(_Wake())
-        except pykka.ActorDeadError:
-            pass
+        # tell() refuses a stopped actor; put the wake-up in the inbox directly so an idle
+        # actor blocked in inbox.get() notices the kill
+        self.ref.actor_inbox.put(Envelope(_Wake()))
 
 
 _lives: dict[str, _Life] = {}
@@ -195,6 +195,9 @@ class Actor(pykka.ThreadingActor):
             except Exception:
                 self.started.set_exception(sys.exc_info())
                 self._handle_failure(*sys.exc_info())
+            except BaseException:
+                self.started.set_exception(sys.exc_info())
+                raise
             else:
                 self.started.set(None)
             self._actor_loop_running()

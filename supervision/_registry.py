@@ -115,7 +115,9 @@ class Registry:
             try:
                 return ref.ask(message, timeout=max(0.0, deadline - time.monotonic()))
             except pykka.ActorDeadError:
-                if time.monotonic() >= deadline:
+                # resend only what died unprocessed with its actor; an ActorDeadError
+                # raised by a live actor's handler is that handler's answer
+                if ref.is_alive() or time.monotonic() >= deadline:
                     raise
 
     def names(self) -> dict[str, pykka.ActorRef[Any] | None]:

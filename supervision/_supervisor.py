@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
 from supervision._actor import Actor, Down, MonitorRef, _Shutdown, demonitor, exit_reason, life_of, monitor
 from supervision._intensity import RestartWindow
-from supervision._registry import registry
+from supervision._registry import NameTaken, registry
 from supervision._spec import (
     BRUTAL_KILL,
     INFINITY,
@@ -84,7 +84,9 @@ class _Child:
     ref: pykka.ActorRef[Any] | None = None
     mref: MonitorRef | None = None
     retries: int = 0
-    exited_significant: bool = field(default=False)
+    exited_significant: bool = False
+    stopped_on_request: bool = False
+    holds_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class _CountChildren:
 
 @dataclass(frozen=True)
 class _Retry:
-    child: _Child
+    group: tuple[_Child, ...]
 
 
 class Supervisor(Actor):
@@ -133,7 +135,6 @@ class Supervisor(Actor):
 
     def __init__(self, flags: SupFlags, children: Iterable[ChildSpec] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
         specs = list(children)
         if not isinstance(flags, SupFlags):
             msg = f"flags must be SupFlags, got {flags!r}"
@@ -149,6 +150,7 @@ class Supervisor(Actor):
         if flags.strategy is Strategy.SIMPLE_ONE_FOR_ONE and len(specs) != 1:
             msg = f"a simple_one_for_one supervisor takes exactly one child spec, got {len(specs)}"
             raise ValueError(msg)
+        super().__init__()  # after validation: a refused supervisor leaves no bookkeeping
         self.flags = flags
         self._clock = clock
         self._window = RestartWindow(flags.intensity, flags.period)
@@ -183,7 +185,7 @@ class Supervisor(Actor):
         if isinstance(message, Down):
             return self._on_down(message)
         if isinstance(message, _Retry):
-            return self._on_retry(message.child)
+            return self._on_retry(list(message.group))
         if isinstance(message, _StartChild):
             return self._start_child(message.args)
         if isinstance(message, _TerminateChild):
@@ -201,8 +203,8 @@ class Supervisor(Actor):
                 "supervisors": sum(1 for c in self._children if c.spec.type is ChildType.SUPERVISOR),
                 "workers": sum(1 for c in self._children if c.spec.type is ChildType.WORKER),
             }
-        msg = f"supervisor does not understand {message!r}"
-        raise TypeError(msg)
+        logger.warning("supervisor %s ignores an unexpected message %r", self.actor_ref, message)
+        return None
 
     # ---- starting and stopping one child ----------------------------------------------
 
@@ -230,18 +232,24 @@ class Supervisor(Actor):
         except Exception as exc:
             life.exited.wait(KILL_GRACE)
             raise StartError(spec.id, exc) from exc
+        if spec.name is not None:
+            try:
+                registry.register(spec.name, ref, supervised=True)
+                child.holds_name = True
+            except NameTaken as exc:
+                life.kill()
+                life.exited.wait(KILL_GRACE)
+                raise StartError(spec.id, exc) from exc
         child.ref = ref
         child.mref = monitor(ref, self.actor_ref)
-        if spec.name is not None:
-            registry.register(spec.name, ref, supervised=True)
+        child.stopped_on_request = False
         return ref
 
     def _terminate(self, child: _Child, *, keep_name: bool = False) -> None:
         ref, mref = child.ref, child.mref
         child.ref = child.mref = None
-        if spec_name := child.spec.name:
-            if not keep_name:
-                registry.unregister(spec_name)
+        if not keep_name:
+            self._release_name(child)
         if ref is None:
             return
         if mref is not None:
@@ -273,6 +281,12 @@ class Supervisor(Actor):
         elif life.thread is not None and life.thread is not threading.current_thread():
             life.thread.join(KILL_GRACE)
 
+    @staticmethod
+    def _release_name(child: _Child) -> None:
+        if child.holds_name and child.spec.name is not None:
+            registry.unregister(child.spec.name)
+        child.holds_name = False
+
     def _terminate_all(self) -> None:
         for child in reversed(self._children):
             self._terminate(child)
@@ -289,8 +303,7 @@ class Supervisor(Actor):
         logger.log(logging.WARNING if down.reason.abnormal else logging.DEBUG,
                    "child %r exited (%s); %s", child.spec.id, down.reason, "restarting" if wanted else "not restarted")
         if not wanted:
-            if child.spec.name is not None:
-                registry.unregister(child.spec.name)
+            self._release_name(child)
             if restart is Restart.TEMPORARY or self._dynamic:
                 self._children.remove(child)
             child.exited_significant = child.spec.significant
@@ -326,7 +339,7 @@ class Supervisor(Actor):
 
     def _restart_group(self, group: list[_Child]) -> None:
         for i, child in enumerate(group):
-            if child.ref is not None or child not in self._children:
+            if child.ref is not None or child not in self._children or child.stopped_on_request:
                 continue
             try:
                 self._start(child)
@@ -337,19 +350,21 @@ class Supervisor(Actor):
                 return
 
     def _schedule_retry(self, rest: list[_Child], child: _Child) -> None:
-        delay = min(RETRY_BACKOFF[0] * (2 ** child.retries), RETRY_BACKOFF[1])
+        # the cap keeps intensity + 1 attempts inside one period, so a child that can never
+        # start escalates instead of being retried forever
+        cap = min(RETRY_BACKOFF[1], self.flags.period / (self.flags.intensity + 1))
+        delay = min(RETRY_BACKOFF[0] * (2 ** child.retries), cap)
         child.retries += 1
-        me = self.actor_ref
-        for c in rest:
-            timer = threading.Timer(delay, _tell_quietly, (me, _Retry(c)))
-            timer.daemon = True
-            timer.start()
+        timer = threading.Timer(delay, _tell_quietly, (self.actor_ref, _Retry(tuple(rest))))
+        timer.daemon = True
+        timer.start()
 
-    def _on_retry(self, child: _Child) -> None:
-        if self._giving_up or child not in self._children or child.ref is not None:
+    def _on_retry(self, group: list[_Child]) -> None:
+        pending = [c for c in group if c in self._children and c.ref is None and not c.stopped_on_request]
+        if self._giving_up or not pending:
             return
-        self._count_restart(f"retrying the restart of {child.spec.id!r}")
-        self._restart_group([child])
+        self._count_restart(f"retrying the restart of {pending[0].spec.id!r}")
+        self._restart_group(pending)
 
     def _check_auto_shutdown(self, child: _Child) -> None:
         mode = self.flags.auto_shutdown
@@ -388,6 +403,7 @@ class Supervisor(Actor):
 
     def _terminate_child(self, key: str | pykka.ActorRef[Any]) -> None:
         child = self._find(key)
+        child.stopped_on_request = True
         self._terminate(child)
         if self._dynamic or child.spec.restart is Restart.TEMPORARY:
             self._children.remove(child)

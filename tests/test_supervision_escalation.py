@@ -312,3 +312,82 @@ def test_auto_shutdown_on_significant_children(mode, stops_after):
             assert not downs[0].reason.abnormal
             break
     wait_until(lambda: ("stop", "w") in ev.items, what="w stopped")
+
+
+# ---- regressions found in review -------------------------------------------------------------
+
+def test_brutal_kill_ends_an_idle_child():
+    ev = Events()
+    sup = S.start_supervisor(S.SupFlags(), [worker("idle", ev, shutdown=S.BRUTAL_KILL)])
+    ref = refs(sup)["idle"]
+    t0 = time.monotonic()
+    S.terminate_child(sup, "idle")
+    assert time.monotonic() - t0 < 0.5 and not ref.is_alive()
+    assert S.exit_reason(ref).kind == "killed" and ("stop", "idle") not in ev.take()
+    S.stop_supervisor(sup)
+
+
+def test_a_name_clash_is_a_start_error_and_leaks_nothing():
+    ev = Events()
+    holder = Worker.start("holder", ev)
+    S.registry.register("clash", holder)
+    try:
+        with pytest.raises(S.StartError, match="clash"):
+            S.start_supervisor(S.SupFlags(), [worker("a", ev), worker("b", ev, name="clash")])
+        items = ev.take()
+        assert ("stop", "a") in items  # the started sibling was stopped
+        assert S.registry.whereis("clash") == holder
+    finally:
+        S.registry.unregister("clash")
+        holder.stop()
+
+
+def test_a_failed_group_restart_resumes_in_order():
+    ev = Events()
+    sup = S.start_supervisor(S.SupFlags(S.Strategy.REST_FOR_ONE, intensity=5),
+                             [worker("a", ev), worker("b", ev, plan={2: "fail_start"}), worker("c", ev)])
+    ev.take()
+    old_c = refs(sup)["c"]
+    refs(sup)["b"].tell("crash")
+    wait_until(lambda: refs(sup)["c"] not in (None, old_c), what="c restarted")
+    assert ev.take() == [("crash", "b"), ("stop", "c"), ("start_failed", "b"), ("start", "b"), ("start", "c")]
+    S.stop_supervisor(sup)
+
+
+def test_terminate_child_cancels_a_pending_restart():
+    ev = Events()
+    plan = {n: "fail_start" for n in range(2, 50)}
+    sup = S.start_supervisor(S.SupFlags(intensity=20, period=60.0), [worker("a", ev, plan=plan)])
+    refs(sup)["a"].tell("crash")
+    ev.wait_for(("start_failed", "a"))
+    S.terminate_child(sup, "a")
+    n = len(ev.take())
+    time.sleep(0.5)  # longer than the pending backoff
+    assert ev.take() == [] and n >= 1 and refs(sup)["a"] is None
+    S.stop_supervisor(sup)
+
+
+def test_a_stray_message_does_not_kill_the_supervisor():
+    sup = S.start_supervisor(S.SupFlags(), [])
+    sup.tell("junk")
+    assert S.count_children(sup)["active"] == 0 and sup.is_alive()
+    S.stop_supervisor(sup)
+
+
+def test_registry_ask_does_not_resend_to_a_live_actor():
+    calls = []
+
+    class Raiser(S.Actor):
+        def on_receive(self, message):
+            calls.append(message)
+            raise pykka.ActorDeadError("my own answer")
+
+    ref = Raiser.start()
+    S.registry.register("raiser", ref)
+    try:
+        with pytest.raises(pykka.ActorDeadError, match="my own answer"):
+            S.registry.ask("raiser", "hello", timeout=1)
+        assert calls == ["hello"]
+    finally:
+        S.registry.unregister("raiser")
+        ref.stop()
