@@ -55,6 +55,7 @@ __all__ = [
     "decode_tokens",
     "effective_fingerprint",
     "encode_tokens",
+    "key_from_parts",
     "key_hex",
     "prefix_keys",
     "quant_byte",
@@ -418,3 +419,11 @@ def prefix_keys(
     """``(n, cache_key(meta, tokens[:n]))`` for each distinct ``n`` in ``lengths`` within
     ``1..len(tokens)``, longest first, computed in one pass over the token bytes."""
     return PrefixHasher(meta, tokens).keys(lengths)
+
+
+def key_from_parts(fingerprint: bytes, quant: int, ctx_params_hash: bytes, namespace: bytes | None,
+                   tokens_u32le: bytes) -> bytes:
+    """The key of a row read back from a file (the ``key_fn`` of :mod:`erllama.cache.kvc`)."""
+    h = hashlib.sha256(KeyMeta(fingerprint, quant, ctx_params_hash, namespace).header())
+    h.update(tokens_u32le)
+    return h.digest()
