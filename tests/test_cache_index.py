@@ -64,12 +64,22 @@ def test_persisted_hits_bias_recency():
 def test_move_between_tiers():
     idx = Index(QUOTAS)
     idx.insert_available(k(1), G1, 10, "ram", 900, now=1.0)
-    moved = idx.move(k(1), "ram_file", "/dev/shm/x")
+    moving = idx.begin_move(k(1), "ram_file")
+    assert moving.tier == "ram" and idx.lookup_exact(k(1)) is not None  # still readable
+    assert idx.used == {"ram": 900, "ram_file": 900, "disk": 0}  # both charged while copying
+    assert idx.plan_room("ram", 200) is None  # a moving row is no victim
+    with pytest.raises(Conflict):
+        idx.begin_move(k(1), "disk")
+    moved = idx.finish_move(k(1), "/dev/shm/x")
     assert moved.tier == "ram_file" and idx.used == {"ram": 0, "ram_file": 900, "disk": 0}
+    assert idx.lru("ram") == [] and idx.lru("ram_file") == [k(1)]
     assert idx.candidate_lengths(G1, 10) == [10]
     idx.insert_available(k(2), G1, 12, "disk", 3500, now=1.0)
     with pytest.raises(NoRoom):
-        idx.move(k(1), "disk", "/x")
+        idx.begin_move(k(1), "disk")
+    idx.begin_move(k(1), "ram")
+    idx.abort_move(k(1))
+    assert idx.used["ram"] == 0 and idx.get(k(1)).moving_to is None
 
 
 class IndexMachine(RuleBasedStateMachine):
@@ -107,13 +117,22 @@ class IndexMachine(RuleBasedStateMachine):
         self.idx.remove(k(i))
 
     @rule(i=keys, tier=tiers)
-    def move(self, i, tier):
+    def begin_move(self, i, tier):
         row = self.idx.lookup_exact(k(i))
         if row is not None and row.tier != tier:
             try:
-                self.idx.move(k(i), tier, None)
-            except NoRoom:
+                self.idx.begin_move(k(i), tier)
+            except (NoRoom, Conflict):
                 pass
+
+    @rule(i=keys, finish=st.booleans())
+    def end_move(self, i, finish):
+        row = self.idx.get(k(i))
+        if row is not None and row.moving_to is not None:
+            if finish:
+                self.idx.finish_move(k(i), None)
+            else:
+                self.idx.abort_move(k(i))
 
     @rule(i=keys)
     def checkout(self, i):
@@ -139,7 +158,8 @@ class IndexMachine(RuleBasedStateMachine):
     def accounting(self):
         for tier in TIERS:
             rows = [r for r in self.idx.rows.values() if r.tier == tier]
-            assert self.idx.used[tier] == sum(r.size for r in rows)
+            incoming = [r for r in self.idx.rows.values() if r.moving_to == tier]
+            assert self.idx.used[tier] == sum(r.size for r in rows) + sum(r.size for r in incoming)
             assert self.idx.used[tier] <= self.idx.quotas[tier]
             assert set(self.idx.lru(tier)) == {r.key for r in rows if r.status is RowStatus.AVAILABLE}
         assert all(r.refcount >= 0 for r in self.idx.rows.values())

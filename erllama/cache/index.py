@@ -56,6 +56,7 @@ class Row:
     hits: int = 0
     last_used: float = 0.0
     location: Any = None
+    moving_to: str | None = None
 
 
 class Index:
@@ -112,7 +113,7 @@ class Index:
         victims: list[Row] = []
         for key in self.lru(tier):
             row = self.rows[key]
-            if row.refcount == 0:
+            if row.refcount == 0 and row.moving_to is None:
                 victims.append(row)
                 need -= row.size
                 if need <= 0:
@@ -174,6 +175,8 @@ class Index:
             return None
         del self.rows[key]
         self.used[row.tier] -= row.size
+        if row.moving_to is not None:
+            self.used[row.moving_to] -= row.size
         del self._recency[row.tier][key]
         counts = self._lengths[row.group]
         counts[row.n_tokens] -= 1
@@ -183,18 +186,38 @@ class Index:
                 del self._lengths[row.group]
         return row
 
-    def move(self, key: bytes, tier: str, location: Any) -> Row:
-        """Move an available row to ``tier`` (demotion or promotion; the bytes are already
-        there). Raises :class:`NoRoom` when ``tier`` lacks room."""
+    def begin_move(self, key: bytes, tier: str) -> Row:
+        """Start moving an available row to ``tier`` (demotion or promotion): ``tier`` is
+        charged now, the row stays readable where it is until :meth:`finish_move`. Raises
+        :class:`NoRoom` when ``tier`` lacks room, :class:`Conflict` if it is already moving."""
         row = self.rows[key]
+        if row.status is not RowStatus.AVAILABLE or row.moving_to is not None:
+            raise Conflict(f"row {key.hex()[:16]} cannot move now")
         if self.used[tier] + row.size > self.quotas[tier]:
             raise NoRoom(f"tier {tier} cannot take {row.size} bytes")
-        self.remove(key)
-        moved = replace(row, tier=tier, location=location)
         self.used[tier] += row.size
+        row = replace(row, moving_to=tier)
+        self.rows[key] = row
+        return row
+
+    def finish_move(self, key: bytes, location: Any) -> Row:
+        """The bytes are in the new tier: the row now lives there; the old tier is released."""
+        row = self.rows[key]
+        if row.moving_to is None:
+            raise Conflict(f"row {key.hex()[:16]} is not moving")
+        self.used[row.tier] -= row.size
+        del self._recency[row.tier][key]
+        moved = replace(row, tier=row.moving_to, moving_to=None, location=location)
         self.rows[key] = moved
-        self._install(moved)
+        self._recency[moved.tier][key] = moved.last_used
         return moved
+
+    def abort_move(self, key: bytes) -> None:
+        """The copy failed: release the charge on the target tier."""
+        row = self.rows.get(key)
+        if row is not None and row.moving_to is not None:
+            self.used[row.moving_to] -= row.size
+            self.rows[key] = replace(row, moving_to=None)
 
     def checkout(self, key: bytes, now: float) -> Row:
         """A reader takes the row: refcount and hits up, most recently used."""

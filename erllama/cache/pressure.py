@@ -382,6 +382,8 @@ class PressurePoller(supervision.Actor):
             self._check()
         except Exception:  # _check already guards; a tell handler must never raise
             logger.exception("pressure check failed")
+        if self._enabled:
+            self._arm()
 
     # public API (proxy methods)
 
