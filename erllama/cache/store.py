@@ -1,0 +1,313 @@
+"""The cache as one object: tiers, the meta server under its own supervisor, the writer pool.
+
+``save`` hands a row to the writer pool and returns at once; ``lookup`` finds the exact
+key, a ``parent_key`` resume or the longest saved prefix without a message; ``restore``
+checks a row out, reads it (into a per-thread reusable buffer for files) and checks it in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import supervision
+from erllama import errors
+from erllama.cache import kvc
+from erllama.cache.counters import Counters, counters
+from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, Row
+from erllama.cache.key import KeyMeta, cache_key, prefix_keys
+from erllama.cache.meta import MetaServer, NeedRoom, group_of
+from erllama.cache.publish import PublishError
+from erllama.cache.tiers import FileTier, RamTier, RowParts, encode_row
+from erllama.cache.writer import WriterPool
+
+__all__ = ["CacheConfig", "CacheStore", "Hit"]
+
+logger = logging.getLogger("erllama.cache")
+
+GiB = 1 << 30
+_store_ids = itertools.count(1)
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("ERLLAMA_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "erllama"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where rows go and how much each tier may hold (bytes; 0 disables a tier)."""
+
+    ram_quota: int = 1 * GiB
+    ram_file_dir: str | None = None
+    ram_file_quota: int = 2 * GiB
+    disk_dir: str | None = None
+    disk_quota: int = 20 * GiB
+    writer_max_concurrent: int = 4
+    parent_wait_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise errors.ConfigError(f"{name} must be an int >= 0 (bytes), got {v!r}")
+        w = self.writer_max_concurrent
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise errors.ConfigError(f"writer_max_concurrent must be an int >= 1, got {w!r}")
+        if not isinstance(self.parent_wait_s, int | float) or not 0 <= self.parent_wait_s <= 60:
+            raise errors.ConfigError(f"parent_wait_s must be within [0, 60] seconds, got {self.parent_wait_s!r}")
+
+    def resolved_ram_file_dir(self) -> Path:
+        """The tmpfs directory (default ``/dev/shm/erllama-<uid>``)."""
+        return Path(self.ram_file_dir) if self.ram_file_dir else Path("/dev/shm") / f"erllama-{os.getuid()}"
+
+    def resolved_disk_dir(self) -> Path:
+        """The disk directory (default ``<cache dir>/kv``)."""
+        return Path(self.disk_dir) if self.disk_dir else _default_cache_dir() / "kv"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A lookup result: ``kind`` is ``"exact"``, ``"resume"`` or ``"partial"``; the row holds
+    the first ``n_tokens`` tokens of the prompt."""
+
+    kind: str
+    key: bytes
+    n_tokens: int
+
+
+class CacheStore:
+    """The cache subsystem. Start with :meth:`start`, stop with :meth:`close`."""
+
+    def __init__(self, config: CacheConfig, *, stats: Counters = counters) -> None:
+        self.config = config
+        self.stats = stats
+        self.tiers: dict[str, Any] = {}
+        if config.ram_quota:
+            self.tiers["ram"] = RamTier()
+        if config.ram_file_quota:
+            self.tiers["ram_file"] = FileTier("ram_file", config.resolved_ram_file_dir(), stats)
+        if config.disk_quota:
+            self.tiers["disk"] = FileTier("disk", config.resolved_disk_dir(), stats)
+        quotas = {"ram": config.ram_quota, "ram_file": config.ram_file_quota, "disk": config.disk_quota}
+        self._published: dict[str, Index] = {}
+        self._name = f"erllama.cache.meta.{next(_store_ids)}"
+        spec = supervision.ChildSpec(
+            "meta", lambda: MetaServer.start(self.tiers, quotas, stats=stats, published=self._published),
+            name=self._name)
+        self._sup = supervision.start_supervisor(
+            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec])
+        self.writer = WriterPool(config.writer_max_concurrent)
+        self._buffers = threading.local()
+
+    @classmethod
+    def start(cls, config: CacheConfig | None = None, **overrides: Any) -> CacheStore:
+        """Validate the configuration, rebuild the index from the tiers and start."""
+        cfg = config or CacheConfig()
+        if overrides:
+            cfg = CacheConfig(**{**cfg.__dict__, **overrides})
+        return cls(cfg)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued saves, then stop the meta server."""
+        self.writer.shutdown(wait=True)
+        supervision.stop_supervisor(self._sup, timeout)
+
+    @property
+    def index(self) -> Index:
+        """The live index (read without a message)."""
+        return self._published["index"]
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        return supervision.registry.ask(self._name, ("call", method, args), timeout=30.0)
+
+    # ---- saving --------------------------------------------------------------------------------
+
+    def save(self, meta: kvc.RowMeta, logits: np.ndarray | None, kv: bytes | bytearray | memoryview, *,
+             tier: str = "ram", wait: bool = False) -> Future[str] | None:
+        """Save a row asynchronously; the future's result is ``"saved"`` or ``"duplicate"``.
+
+        Returns ``None`` (and counts ``saves_dropped``) when every writer is busy, unless
+        ``wait`` (evict/shutdown saves), which waits for a slot. ``kv`` and ``logits`` must
+        not change until the future is done.
+        """
+        if tier not in self.tiers:
+            raise errors.ConfigError(f"tier {tier!r} is not configured (have {sorted(self.tiers)})")
+        if wait:
+            return self.writer.submit(self._save_job, meta, logits, kv, tier)
+        fut = self.writer.try_submit(self._save_job, meta, logits, kv, tier)
+        if fut is None:
+            self.stats.add("saves_dropped")
+        return fut
+
+    def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
+        km = KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace)
+        key = cache_key(km, meta.token_ids)
+        parts = encode_row(meta, logits, kv)
+        try:
+            token = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
+        except AlreadyPresent:
+            self.stats.add("duplicate_dropped")
+            return "duplicate"
+        except (Conflict, NoRoom):
+            self.stats.add("saves_failed")
+            raise
+        try:
+            location = self.tiers[tier].put(key, parts)
+            self._ask("publish", key, token, location, parts.size)
+        except BaseException:
+            self.stats.add("saves_failed")
+            with contextlib.suppress(Exception):
+                self._ask("cancel", key, token)
+            if tier != "ram":
+                self.tiers[tier].delete(key)
+            raise
+        reason = kvc.SaveReason(meta.save_reason).name.lower()
+        if reason != "unknown":
+            self.stats.add(f"saves_{reason}")
+        return "saved"
+
+    def _reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> int:
+        for _ in range(16):
+            res = self._ask("reserve", key, group, n_tokens, tier, size)
+            if not isinstance(res, NeedRoom):
+                return res
+            for victim in res.victims:
+                self._demote(victim)
+        raise NoRoom(f"could not make room for {size} bytes in {tier}")
+
+    def _demote(self, victim: Row) -> None:
+        action, target = self._ask("demote", victim.key)
+        source = self.tiers[victim.tier]
+        if action == "drop":
+            source.delete(victim.key)
+            return
+        if action != "move":
+            return
+        try:
+            parts: RowParts = source.parts(victim.key)
+            location = self.tiers[target].put(victim.key, parts)
+        except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
+            logger.warning("demotion of %s to %s failed: %s", victim.key.hex()[:16], target, exc)
+            self._ask("abort_move", victim.key)
+            return
+        self._ask("finish_move", victim.key, location)
+        source.delete(victim.key)
+        self.stats.add("demotions")
+
+    # ---- finding ---------------------------------------------------------------------------------
+
+    def lookup(self, meta: KeyMeta, tokens: Any, *, parent_key: bytes | None = None) -> Hit | None:
+        """The best saved row for ``tokens``: the exact key, then ``parent_key`` (waiting up to
+        ``parent_wait_s`` for a save of it in flight), then the longest saved prefix."""
+        t0 = time.perf_counter_ns()
+        toks = list(tokens)
+        index = self.index
+        key = cache_key(meta, toks)
+        if index.lookup_exact(key) is not None:
+            self.stats.add("hits_exact")
+            return Hit("exact", key, len(toks))
+        if parent_key is not None:
+            row = self._wait_parent(parent_key)
+            if row is not None and row.n_tokens <= len(toks) and row.group == group_of(meta) \
+                    and cache_key(meta, toks[: row.n_tokens]) == parent_key:
+                self.stats.add("hits_resume")
+                return Hit("resume", parent_key, row.n_tokens)
+        lengths = index.candidate_lengths(group_of(meta), len(toks) - 1)
+        probes = 0
+        for n, k in prefix_keys(meta, toks, lengths):
+            probes += 1
+            if index.lookup_exact(k) is not None:
+                self._prefix_stats(probes, t0)
+                self.stats.add("hits_longest_prefix")
+                return Hit("partial", k, n)
+        self._prefix_stats(probes, t0)
+        self.stats.add("misses")
+        return None
+
+    def _prefix_stats(self, probes: int, t0: int) -> None:
+        self.stats.add("longest_prefix_probes", probes)
+        self.stats.add("longest_prefix_ns", time.perf_counter_ns() - t0)
+
+    def _wait_parent(self, key: bytes) -> Row | None:
+        res = self._ask("wait_for", key)
+        if res is None or isinstance(res, Row):
+            return res
+        try:
+            return res.get(timeout=self.config.parent_wait_s)
+        except Exception:
+            return None
+
+    def longest_prefix(self, meta: KeyMeta, tokens: Any) -> int:
+        """Length of the longest saved prefix of ``tokens`` (the whole prompt counts)."""
+        toks = list(tokens)
+        lengths = self.index.candidate_lengths(group_of(meta), len(toks))
+        for n, k in prefix_keys(meta, toks, lengths):
+            if self.index.lookup_exact(k) is not None:
+                return n
+        return 0
+
+    @contextlib.contextmanager
+    def restore(self, key: bytes) -> Iterator[kvc.Row | None]:
+        """Check the row out and yield it (``None`` if it is gone or turns out corrupt: a
+        corrupt row is removed and never served). Views in the row are valid inside the
+        ``with`` block only."""
+        t0 = time.perf_counter_ns()
+        row = self._ask("checkout", key)
+        if row is None:
+            yield None
+            return
+        try:
+            data = self._load(row)
+            if data is None:
+                yield None
+                return
+            self.stats.add("load_total_ns", time.perf_counter_ns() - t0)
+            try:
+                yield data
+            finally:
+                data.release()
+        finally:
+            self._ask("checkin", key)
+
+    def _load(self, row: Row) -> kvc.Row | None:
+        tier = self.tiers[row.tier]
+        try:
+            if row.tier == "ram":
+                return tier.load(row.key)
+            buf = getattr(self._buffers, "buf", None)
+            if buf is None:
+                buf = self._buffers.buf = bytearray()
+            return tier.load(row.key, buf)
+        except (kvc.CorruptRow, FileNotFoundError, KeyError) as exc:
+            logger.warning("cache row %s in %s cannot be served: %s", row.key.hex()[:16], row.tier, exc)
+            self._ask("remove", row.key)
+            return None
+
+    # ---- eviction ---------------------------------------------------------------------------------
+
+    def evict_bytes(self, n_bytes: int, tiers: tuple[str, ...] | None = None) -> tuple[int, int]:
+        """Evict least recently used unreferenced rows until ``n_bytes`` are freed."""
+        rows = self._ask("evict", n_bytes, tuple(tiers) if tiers else None)
+        for row in rows:
+            self.tiers[row.tier].delete(row.key)
+        return len(rows), sum(r.size for r in rows)
+
+    def gc(self) -> int:
+        """Evict every unreferenced row; returns how many."""
+        return self.evict_bytes(-1)[0]
+
+    def reservations(self) -> int:
+        """Live reservations (0 when no save is in flight)."""
+        return self._ask("reservations")
