@@ -1,2 +1,66 @@
 """The KV-state cache: token-exact keys, three tiers with quotas, a sole-writer index,
-asynchronous crash-safe saves. Payloads are opaque bytes here; no model is needed."""
+asynchronous crash-safe saves. Payloads are opaque bytes here; no model is needed.
+
+The module functions act on the store the application started (:func:`attach`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from erllama import errors
+from erllama.cache.counters import counters as _counters
+
+if TYPE_CHECKING:
+    from erllama.cache.store import CacheStore
+
+__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "reset_counters"]
+
+_store: CacheStore | None = None
+
+
+def attach(store: CacheStore) -> None:
+    """Make ``store`` the one these functions act on (the application does this)."""
+    global _store
+    _store = store
+
+
+def detach() -> None:
+    """Forget the current store (at application stop)."""
+    global _store
+    _store = None
+
+
+def current() -> CacheStore:
+    """The running store; ``errors.CacheError`` when none is attached."""
+    if _store is None:
+        raise errors.CacheError("the cache is not running: start it with erllama.start()")
+    return _store
+
+
+def counters() -> dict[str, int]:
+    """All cache counters: hits, misses, saves by reason, drops, evictions, demotions,
+    corrupt files, timings and bytes per tier."""
+    return _counters.snapshot()
+
+
+def reset_counters() -> None:
+    """Zero the counters (the per-tier byte gauges keep their values)."""
+    _counters.reset()
+
+
+def gc() -> int:
+    """Evict every row no reader holds; returns how many."""
+    return current().gc()
+
+
+def evict_bytes(n: int, tiers: list[str] | tuple[str, ...] | None = None) -> tuple[int, int]:
+    """Evict least recently used unreferenced rows of ``tiers`` until ``n`` bytes are freed;
+    returns ``(rows, bytes)``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise errors.InvalidParameter(f"n must be an int >= 0 (bytes), got {n!r}")
+    if tiers is not None:
+        bad = [t for t in tiers if t not in ("ram", "ram_file", "disk")]
+        if bad:
+            raise errors.InvalidParameter(f"unknown tiers {bad}; tiers are ram, ram_file, disk")
+    return current().evict_bytes(n, tuple(tiers) if tiers else None)

@@ -156,7 +156,7 @@ class CacheStore:
         key = cache_key(km, meta.token_ids)
         parts = encode_row(meta, logits, kv)
         try:
-            token = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
+            token, tier = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
         except AlreadyPresent:
             self.stats.add("duplicate_dropped")
             return "duplicate"
@@ -178,14 +178,21 @@ class CacheStore:
             self.stats.add(f"saves_{reason}")
         return "saved"
 
-    def _reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> int:
-        for _ in range(16):
-            res = self._ask("reserve", key, group, n_tokens, tier, size)
-            if not isinstance(res, NeedRoom):
-                return res
-            for victim in res.victims:
-                self._demote(victim)
-        raise NoRoom(f"could not make room for {size} bytes in {tier}")
+    def _reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> tuple[int, str]:
+        """Reserve in ``tier``, demoting its LRU rows to make room; a row larger than the
+        tier's whole quota goes to the next slower configured tier."""
+        slower = [t for t in TIERS[TIERS.index(tier):] if t in self.tiers]
+        for candidate in slower:
+            for _ in range(16):
+                try:
+                    res = self._ask("reserve", key, group, n_tokens, candidate, size)
+                except NoRoom:
+                    break
+                if not isinstance(res, NeedRoom):
+                    return res, candidate
+                for victim in res.victims:
+                    self._demote(victim)
+        raise NoRoom(f"no configured tier from {tier} on can take {size} bytes")
 
     def _demote(self, victim: Row) -> None:
         action, target = self._ask("demote", victim.key)

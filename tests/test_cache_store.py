@@ -1,0 +1,309 @@
+"""The cache as a whole: quotas under load, demotion, lookups, restores, back-pressure,
+restarts on the same directories and SIGKILLed writers."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erllama.cache import kvc
+from erllama.cache.counters import counters
+from erllama.cache.key import KeyMeta, cache_key
+from erllama.cache.store import CacheConfig, CacheStore
+
+ROOT = Path(__file__).resolve().parent.parent
+KM = KeyMeta(b"f" * 32, 7, b"c" * 32)
+
+
+def row_meta(tokens, reason=kvc.SaveReason.COLD):
+    return kvc.RowMeta(fingerprint=KM.fingerprint, quant=KM.quant, ctx_params_hash=KM.ctx_params_hash,
+                       tokens=tokens, save_reason=reason)
+
+
+def payload(i: int, size: int = 40_000) -> bytes:
+    return (i.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+LOGITS = np.arange(64, dtype=np.float32)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return CacheConfig(ram_quota=200_000, ram_file_dir=str(tmp_path / "shm"), ram_file_quota=400_000,
+                       disk_dir=str(tmp_path / "disk"), disk_quota=2_000_000, writer_max_concurrent=4)
+
+
+@pytest.fixture
+def store(cfg):
+    counters.reset()
+    s = CacheStore.start(cfg)
+    yield s
+    s.close()
+
+
+def test_lookup_kinds_and_restore(store):
+    base = list(range(1, 101))
+    assert store.lookup(KM, base) is None
+    store.save(row_meta(base), LOGITS, payload(1), wait=True).result(timeout=10)
+    assert store.lookup(KM, base).kind == "exact"
+    longer = base + [500, 501]
+    hit = store.lookup(KM, longer)
+    assert hit.kind == "partial" and hit.n_tokens == 100
+    assert store.longest_prefix(KM, longer) == 100
+    resume = store.lookup(KM, longer, parent_key=cache_key(KM, base))
+    assert resume.kind == "resume" and resume.n_tokens == 100
+    with store.restore(hit.key) as row:
+        assert bytes(row.kv) == payload(1) and row.meta.token_ids == tuple(base)
+        np.testing.assert_array_equal(np.frombuffer(row.logits, dtype=np.float32), LOGITS)
+        assert store.index.get(hit.key).refcount == 1
+    assert store.index.get(hit.key).refcount == 0
+    c = counters.snapshot()
+    assert (c["hits_exact"], c["hits_longest_prefix"], c["hits_resume"], c["misses"]) == (1, 1, 1, 1)
+    assert c["saves_cold"] == 1 and c["bytes_ram"] == store.index.used["ram"] > 0
+    assert store.save(row_meta(base), LOGITS, payload(1), wait=True).result(timeout=10) == "duplicate"
+    assert counters.get("duplicate_dropped") == 1
+
+
+def test_parent_key_waits_for_an_in_flight_save(store, monkeypatch):
+    base = list(range(1, 51))
+    gate = threading.Event()
+    real_put = store.tiers["ram"].put
+
+    def slow_put(key, parts):
+        gate.wait(5)
+        real_put(key, parts)
+
+    monkeypatch.setattr(store.tiers["ram"], "put", slow_put)
+    fut = store.save(row_meta(base), LOGITS, payload(2))
+    threading.Timer(0.1, gate.set).start()
+    hit = store.lookup(KM, base + [7], parent_key=cache_key(KM, base))
+    assert hit is not None and hit.kind == "resume"
+    fut.result(timeout=5)
+
+
+def test_quotas_hold_under_load_and_demotion_keeps_rows(store, cfg):
+    quotas = {"ram": cfg.ram_quota, "ram_file": cfg.ram_file_quota, "disk": cfg.disk_quota}
+    violations = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            used = dict(store.index.used)
+            for tier, q in quotas.items():
+                if used[tier] > q:
+                    violations.append((tier, used[tier]))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    saved = []
+
+    def writer(t):
+        for i in range(10):
+            toks = [t + 1, i + 1] + list(range(3, 40))
+            assert store.save(row_meta(toks), LOGITS, payload(t * 100 + i), wait=True).result(timeout=30) == "saved"
+            saved.append(toks)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    stop.set()
+    watcher.join()
+    assert not violations
+    assert len(saved) == 40
+    # 40 rows of ~41 kB: more than ram + ram_file hold, all of them fit with the disk
+    assert counters.get("demotions") > 0 and counters.get("evictions") == 0
+    for toks in saved:
+        hit = store.lookup(KM, toks)
+        assert hit is not None and hit.kind == "exact"
+        with store.restore(hit.key) as row:
+            assert row is not None and bytes(row.kv[:4]) == payload((toks[0] - 1) * 100 + toks[1] - 1)[:4]
+    assert {r.tier for r in store.index.rows.values()} == {"ram", "ram_file", "disk"}
+    assert store.reservations() == 0
+    assert all(r.refcount == 0 for r in store.index.rows.values())
+
+
+def test_slowest_tier_full_drops_lru_rows(tmp_path):
+    counters.reset()
+    s = CacheStore.start(CacheConfig(ram_quota=100_000, ram_file_quota=0, disk_dir=str(tmp_path / "d"),
+                                     disk_quota=100_000))
+    try:
+        for i in range(8):
+            s.save(row_meta([i + 1, 2, 3]), None, payload(i), wait=True).result(timeout=10)
+        assert s.index.used["ram"] <= 100_000 and s.index.used["disk"] <= 100_000
+        assert counters.get("evictions") > 0
+        assert s.lookup(KM, [8, 2, 3]).kind == "exact"  # the newest row survives
+        assert len(list((tmp_path / "d").glob("*.kvc"))) == sum(r.tier == "disk" for r in s.index.rows.values())
+    finally:
+        s.close()
+
+
+def test_concurrent_lookups_and_saves_of_the_same_keys(store):
+    keys = [[k + 1] + list(range(2, 30)) for k in range(6)]
+    errors_seen = []
+
+    def worker(n):
+        try:
+            for j in range(30):
+                toks = keys[(n + j) % len(keys)]
+                fut = store.save(row_meta(toks), LOGITS, payload(toks[0]))
+                hit = store.lookup(KM, toks + [99])
+                if hit is not None:
+                    with store.restore(hit.key) as row:
+                        if row is not None:
+                            assert bytes(row.kv[:4]) == payload(toks[0])[:4]
+                if fut is not None:
+                    fut.exception(timeout=30)
+        except Exception as exc:  # surfaced below
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+        assert not th.is_alive(), "deadlock"
+    assert not errors_seen
+    assert len(store.index.rows) == len(keys)  # no duplicate rows
+    assert all(r.refcount == 0 for r in store.index.rows.values())
+    assert store.reservations() == 0
+
+
+def test_back_pressure_drops_saves(tmp_path, monkeypatch):
+    counters.reset()
+    s = CacheStore.start(CacheConfig(ram_quota=10**6, ram_file_quota=0, disk_quota=0, writer_max_concurrent=1))
+    try:
+        gate = threading.Event()
+        real = s.tiers["ram"].put
+        monkeypatch.setattr(s.tiers["ram"], "put", lambda k, p: (gate.wait(5), real(k, p)))
+        first = s.save(row_meta([1]), None, payload(1))
+        assert first is not None
+        assert s.save(row_meta([2]), None, payload(2)) is None
+        assert counters.get("saves_dropped") == 1
+        gate.set()
+        assert first.result(timeout=5) == "saved"
+    finally:
+        s.close()
+
+
+def test_corrupt_row_is_not_served(store):
+    toks = list(range(1, 20))
+    store.save(row_meta(toks), LOGITS, payload(3, 600_000), wait=True).result(timeout=10)  # too big for ram
+    row = store.index.lookup_exact(cache_key(KM, toks))
+    assert row.tier == "disk"
+    path = row.location
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with store.restore(row.key) as got:
+        assert got is None
+    assert store.index.get(row.key) is None and not path.exists()
+    assert counters.get("corrupt_files") == 1
+    assert store.lookup(KM, toks) is None
+
+
+def test_restart_on_the_same_directories_keeps_file_rows(cfg):
+    s = CacheStore.start(cfg)
+    try:
+        for i in range(12):
+            s.save(row_meta([i + 1] * 5), LOGITS, payload(i), tier="disk", wait=True).result(timeout=10)
+        s.index  # noqa: B018
+        tokens_hit = [1] * 5
+        with s.restore(cache_key(KM, tokens_hit)):
+            pass  # a hit is persisted in the file header
+    finally:
+        s.close()
+    s2 = CacheStore.start(cfg)
+    try:
+        assert len(s2.index.rows) == 12
+        for i in range(12):
+            with s2.restore(cache_key(KM, [i + 1] * 5)) as row:
+                assert bytes(row.kv) == payload(i)
+        assert s2.index.get(cache_key(KM, tokens_hit)).hits >= 1
+    finally:
+        s2.close()
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_cache_store import row_meta, payload, LOGITS
+    from erllama.cache.store import CacheStore, CacheConfig
+    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=sys.argv[1], disk_quota=10**9))
+    for i in range(int(sys.argv[2])):
+        s.save(row_meta([i + 1, 7, 7]), LOGITS, payload(i, 200_000), tier="disk", wait=True).result()
+        print(i, flush=True)
+    s.close()
+""")
+
+
+@pytest.mark.parametrize("stage", ["tmp_half_written", "tmp_synced", "linked", "dir_synced", None])
+def test_sigkilled_writer_then_restart(tmp_path, stage):
+    """A process saving rows dies at a publish stage (or at a random moment): a cache
+    restarted on its directory serves every published row intact and nothing else."""
+    env = dict(os.environ)
+    if stage:
+        env["ERLLAMA_FAULT_STAGE"] = stage
+    code = CHILD.format(tests=str(ROOT / "tests"))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "400"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    out = ""
+    if stage is None:  # a random moment once it is saving
+        out = proc.stdout.readline()
+        time.sleep(random.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=120)
+    out += rest
+    assert proc.returncode == -signal.SIGKILL
+    published = [int(x) for x in out.split()]
+    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(tmp_path), disk_quota=10**9))
+    try:
+        assert not list(tmp_path.glob("*.tmp"))
+        assert s.reservations() == 0
+        for i in published:
+            with s.restore(cache_key(KM, [i + 1, 7, 7])) as row:
+                assert row is not None and bytes(row.kv) == payload(i, 200_000)
+        for key, row in list(s.index.rows.items()):
+            with s.restore(key) as got:
+                i = got.meta.token_ids[0] - 1
+                assert bytes(got.kv) == payload(i, 200_000)  # nothing served that differs
+        extra = set(s.index.rows) - {cache_key(KM, [i + 1, 7, 7]) for i in published}
+        assert len(extra) <= 1  # at most the row that was linked when the writer died
+    finally:
+        s.close()
+
+
+def test_module_functions(store):
+    import erllama.cache as cache
+    from erllama import errors
+
+    cache.detach()
+    with pytest.raises(errors.CacheError, match="not running"):
+        cache.gc()
+    cache.attach(store)
+    try:
+        store.save(row_meta([1, 2, 3]), LOGITS, payload(1), wait=True).result(timeout=10)
+        store.save(row_meta([4, 5, 6]), LOGITS, payload(2), wait=True).result(timeout=10)
+        assert cache.counters()["saves_cold"] == 2
+        rows, freed = cache.evict_bytes(1, ["ram"])
+        assert rows == 1 and freed > 0
+        with pytest.raises(errors.InvalidParameter, match="tiers"):
+            cache.evict_bytes(1, ["tape"])
+        with pytest.raises(errors.InvalidParameter):
+            cache.evict_bytes(-1)
+        assert cache.gc() == 1 and store.index.rows == {}
+        cache.reset_counters()
+        assert cache.counters()["saves_cold"] == 0
+    finally:
+        cache.detach()
