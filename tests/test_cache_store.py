@@ -307,3 +307,49 @@ def test_module_functions(store):
         assert cache.counters()["saves_cold"] == 0
     finally:
         cache.detach()
+
+
+def test_disk_full_fails_the_save_cleanly(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    assert res.returncode == 0, f"this test mounts a small tmpfs (needs root): {res.stderr!r}"
+    counters.reset()
+    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(mnt), disk_quota=10**9))
+    try:
+        assert s.save(row_meta([1, 2]), LOGITS, payload(1, 100_000), tier="disk", wait=True).result(10) == "saved"
+        fut = s.save(row_meta([3, 4]), LOGITS, payload(2, 400_000), tier="disk", wait=True)
+        from erllama.cache.publish import PublishError
+
+        with pytest.raises(PublishError) as info:
+            fut.result(timeout=10)
+        assert info.value.errno == 28
+        assert counters.get("saves_failed") == 1 and s.reservations() == 0
+        assert [p.name for p in mnt.iterdir()] == [cache_key(KM, [1, 2]).hex() + ".kvc"]
+        assert s.lookup(KM, [3, 4]) is None and s.index.used["disk"] == s.index.get(cache_key(KM, [1, 2])).size
+    finally:
+        s.close()
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_pressure_poller_evicts_through_the_store(tmp_path):
+    from erllama.cache.pressure import PressureConfig
+
+    level = {"used": 10, "total": 100}
+    counters.reset()
+    cfg = CacheConfig(ram_quota=10**6, ram_file_quota=0, disk_quota=0,
+                      pressure=PressureConfig(enabled=True, source=lambda: (level["used"], level["total"]),
+                                              interval_s=60.0, high=0.8, low=0.5, min_evict_bytes=1,
+                                              evict_tiers=("ram",)))
+    s = CacheStore.start(cfg)
+    try:
+        for i in range(3):
+            s.save(row_meta([i + 1]), None, payload(i), wait=True).result(timeout=10)
+        assert s.check_pressure()["reason"] == "below_watermark"
+        level["used"] = 90  # 40 "bytes" over the low watermark: one row is enough
+        out = s.check_pressure()
+        assert out["action"] == "evicted" and out["rows"] == 1
+        assert len(s.index.rows) == 2 and s.lookup(KM, [1]) is None  # the LRU row went
+        assert s.pressure_status()["enabled"] is True
+    finally:
+        s.close()

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from erllama.cache.counters import Counters, counters
 from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, Row
 from erllama.cache.key import KeyMeta, cache_key, prefix_keys
 from erllama.cache.meta import MetaServer, NeedRoom, group_of
+from erllama.cache.pressure import CheckNow, PressureConfig
+from erllama.cache.pressure import Status as PressureStatus
+from erllama.cache.pressure import child_spec as pressure_child_spec
 from erllama.cache.publish import PublishError
 from erllama.cache.tiers import FileTier, RamTier, RowParts, encode_row
 from erllama.cache.writer import WriterPool
@@ -56,8 +59,11 @@ class CacheConfig:
     disk_quota: int = 20 * GiB
     writer_max_concurrent: int = 4
     parent_wait_s: float = 0.5
+    pressure: PressureConfig = field(default_factory=PressureConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pressure, PressureConfig):
+            raise errors.ConfigError(f"pressure must be a PressureConfig, got {self.pressure!r}")
         for name in ("ram_quota", "ram_file_quota", "disk_quota"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -106,8 +112,10 @@ class CacheStore:
         spec = supervision.ChildSpec(
             "meta", lambda: MetaServer.start(self.tiers, quotas, stats=stats, published=self._published),
             name=self._name)
+        self._pressure_name = f"{self._name}.pressure"
+        poller = pressure_child_spec(config.pressure, self.evict_bytes, name=self._pressure_name)
         self._sup = supervision.start_supervisor(
-            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec])
+            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec, poller])
         self.writer = WriterPool(config.writer_max_concurrent)
         self._buffers = threading.local()
 
@@ -314,6 +322,15 @@ class CacheStore:
     def gc(self) -> int:
         """Evict every unreferenced row; returns how many."""
         return self.evict_bytes(-1)[0]
+
+    def pressure_status(self) -> dict[str, Any]:
+        """The memory-pressure poller's status (enabled, last sample, last eviction, ...)."""
+        return supervision.registry.ask(self._pressure_name, PressureStatus(), timeout=10.0)
+
+    def check_pressure(self) -> dict[str, Any]:
+        """Sample memory now and evict down to the low watermark if above the high one
+        (a disabled poller answers ``skipped``/``disabled``)."""
+        return supervision.registry.ask(self._pressure_name, CheckNow(), timeout=30.0)
 
     def reservations(self) -> int:
         """Live reservations (0 when no save is in flight)."""
