@@ -353,3 +353,19 @@ def test_pressure_poller_evicts_through_the_store(tmp_path):
         assert s.pressure_status()["enabled"] is True
     finally:
         s.close()
+
+
+def test_a_disk_hit_is_promoted_to_tmpfs_when_it_has_room(store):
+    toks = list(range(1, 30))
+    store.save(row_meta(toks), LOGITS, payload(5), tier="disk", wait=True).result(timeout=10)
+    key = cache_key(KM, toks)
+    path = store.index.get(key).location
+    with store.restore(key) as row:
+        assert bytes(row.kv) == payload(5)
+    from supervision_helpers import wait_until
+
+    wait_until(lambda: store.index.get(key).tier == "ram_file", what="promotion")
+    assert not path.exists() and counters.get("promotions") == 1
+    with store.restore(key) as row:
+        assert bytes(row.kv) == payload(5)
+    assert store.index.used["disk"] == 0

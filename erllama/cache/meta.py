@@ -110,7 +110,7 @@ class MetaServer(supervision.Actor):
 
     # ---- messages ------------------------------------------------------------------------------
 
-    _CALLS = frozenset({"reserve", "publish", "cancel", "demote", "finish_move", "abort_move", "checkout",
+    _CALLS = frozenset({"reserve", "publish", "cancel", "demote", "promote", "finish_move", "abort_move", "checkout",
                         "checkin", "remove", "evict", "wait_for", "reservations"})
 
     def on_receive(self, message: Any) -> Any:
@@ -183,6 +183,17 @@ class MetaServer(supervision.Actor):
         self._stats.add("evictions")
         self._gauge()
         return ("drop", None)
+
+    def promote(self, key: bytes, tier: str) -> bool:
+        """Start moving a row to the faster ``tier`` if it has free room (no eviction for a
+        promotion); ``True`` when the caller should copy it."""
+        row = self.index.lookup_exact(key)
+        if row is None or row.moving_to is not None or tier not in self._tiers \
+                or TIERS.index(tier) >= TIERS.index(row.tier) or self.index.free_bytes(tier) < row.size:
+            return False
+        self.index.begin_move(key, tier)
+        self._gauge()
+        return True
 
     def finish_move(self, key: bytes, location: Any) -> Row:
         """The victim's bytes are in its new tier."""

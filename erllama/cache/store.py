@@ -295,6 +295,26 @@ class CacheStore:
                 data.release()
         finally:
             self._ask("checkin", key)
+        # promote disk rows to tmpfs, which survives a process restart; never into the
+        # in-process ram tier, which would trade a durable copy for a volatile one
+        if row.tier == "disk" and "ram_file" in self.tiers and self.index.free_bytes("ram_file") >= row.size:
+            self.writer.try_submit(self._promote, row, "ram_file")
+
+    def _promote(self, row: Row, tier: str) -> None:
+        """Move a row hit on disk into the ``ram_file`` tier when it has free room."""
+        if not self._ask("promote", row.key, tier):
+            return
+        source = self.tiers[row.tier]
+        try:
+            parts = source.parts(row.key)
+            location = self.tiers[tier].put(row.key, parts)
+        except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
+            logger.warning("promotion of %s failed: %s", row.key.hex()[:16], exc)
+            self._ask("abort_move", row.key)
+            return
+        self._ask("finish_move", row.key, location)
+        source.delete(row.key)
+        self.stats.add("promotions")
 
     def _load(self, row: Row) -> kvc.Row | None:
         tier = self.tiers[row.tier]
