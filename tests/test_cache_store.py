@@ -369,3 +369,48 @@ def test_a_disk_hit_is_promoted_to_tmpfs_when_it_has_room(store):
     with store.restore(key) as row:
         assert bytes(row.kv) == payload(5)
     assert store.index.used["disk"] == 0
+
+
+def test_a_dead_readers_checkout_is_released(store):
+    import supervision
+
+    toks = [9, 9, 9]
+    store.save(row_meta(toks), LOGITS, payload(9), wait=True).result(timeout=10)
+    key = cache_key(KM, toks)
+
+    class Reader(supervision.Actor):
+        def on_receive(self, message):
+            if message == "take":
+                self._cm = store.restore(key, holder=self.actor_ref)
+                self._cm.__enter__()  # holds the row and never gives it back
+                return store.index.get(key).refcount
+            if message == "die":
+                raise RuntimeError("reader crashed")
+
+    reader = Reader.start()
+    assert reader.ask("take") == 1
+    assert store._ask("holders") == 1
+    reader.tell("die")
+    from supervision_helpers import wait_until
+
+    wait_until(lambda: store.index.get(key).refcount == 0, what="checkout released")
+    assert store._ask("holders") == 0
+    assert store.evict_bytes(1)[0] == 1  # evictable again
+
+
+def test_expired_reservations_are_swept():
+    from erllama.cache.counters import Counters
+    from erllama.cache.meta import RESERVATION_TTL, MetaServer, group_of
+    from erllama.cache.tiers import RamTier
+
+    now = [1000.0]
+    ref = MetaServer.start({"ram": RamTier()}, {"ram": 1000}, stats=Counters(), clock=lambda: now[0])
+    try:
+        call = lambda name, *args: ref.ask(("call", name, args))  # noqa: E731
+        assert isinstance(call("reserve", b"k" * 32, group_of(KM), 3, "ram", 100), int)
+        assert call("sweep") == 0 and call("reservations") == 1
+        now[0] += RESERVATION_TTL + 1  # the writer hung or vanished
+        assert call("sweep") == 1 and call("reservations") == 0
+        assert isinstance(call("reserve", b"k" * 32, group_of(KM), 3, "ram", 100), int)  # free again
+    finally:
+        ref.stop()

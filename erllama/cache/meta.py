@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ __all__ = ["MetaServer", "group_of"]
 logger = logging.getLogger("erllama.cache")
 
 RESERVATION_TTL = 60.0
+SWEEP_INTERVAL = 30.0
+
+
+class _Sweep:
+    """Internal message: drop expired reservations."""
+
+
+def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
 
 
 def group_of(meta: KeyMeta) -> bytes:
@@ -71,6 +84,9 @@ class MetaServer(supervision.Actor):
         self._reservations: dict[bytes, _Reservation] = {}
         self._tokens = itertools.count(1)
         self._waiters: dict[bytes, list[pykka.ThreadingFuture[Row | None]]] = {}
+        # checkouts by holder actor: released when the holder dies (monitor Down)
+        self._holders: dict[str, tuple[supervision.MonitorRef, dict[bytes, int]]] = {}
+        self._sweeper: threading.Timer | None = None
 
     # ---- startup -------------------------------------------------------------------------
 
@@ -102,6 +118,7 @@ class MetaServer(supervision.Actor):
                 self._stats.add("evictions")
         self._gauge()
         self._published["index"] = self.index
+        self._arm_sweep()
         logger.info("cache index rebuilt: %d rows (%s)", len(self.index.rows), dict(self.index.used))
 
     def _gauge(self) -> None:
@@ -110,11 +127,37 @@ class MetaServer(supervision.Actor):
 
     # ---- messages ------------------------------------------------------------------------------
 
+    def _arm_sweep(self) -> None:
+        self._sweeper = threading.Timer(SWEEP_INTERVAL, _tell_quietly, (self.actor_ref, _Sweep()))
+        self._sweeper.daemon = True
+        self._sweeper.start()
+
+    def on_stop(self) -> None:
+        """Cancel the reservation sweep."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def sweep(self) -> int:
+        """Drop reservations past their TTL (a writer that hung or vanished); returns how many."""
+        now = self._clock()
+        stale = [(k, r.token) for k, r in self._reservations.items() if r.expires < now]
+        for key, token in stale:
+            logger.warning("dropping an expired reservation of %s", key.hex()[:16])
+            self.cancel(key, token)
+        return len(stale)
+
     _CALLS = frozenset({"reserve", "publish", "cancel", "demote", "promote", "finish_move", "abort_move", "checkout",
-                        "checkin", "remove", "evict", "wait_for", "reservations"})
+                        "checkin", "remove", "evict", "wait_for", "reservations", "sweep", "holders"})
 
     def on_receive(self, message: Any) -> Any:
-        """``("call", method, args)``: run one of the methods below in the actor's thread."""
+        """``("call", method, args)``: run one of the methods below in the actor's thread;
+        ``Down`` of a reader: release its checkouts; the periodic reservation sweep."""
+        if isinstance(message, supervision.Down):
+            return self._holder_down(message)
+        if isinstance(message, _Sweep):
+            self.sweep()
+            self._arm_sweep()
+            return None
         if isinstance(message, tuple) and len(message) == 3 and message[0] == "call" and message[1] in self._CALLS:
             return getattr(self, message[1])(*message[2])
         logger.warning("meta server ignores an unexpected message %r", message)
@@ -206,18 +249,48 @@ class MetaServer(supervision.Actor):
         self.index.abort_move(key)
         self._gauge()
 
-    def checkout(self, key: bytes) -> Row | None:
-        """A reader takes an available row (refcount + 1), or ``None``."""
+    def checkout(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> Row | None:
+        """A reader takes an available row (refcount + 1), or ``None``. A ``holder`` actor's
+        checkouts are released if it dies before checking them in."""
         if self.index.lookup_exact(key) is None:
             return None
         row = self.index.checkout(key, self._clock())
+        if holder is not None:
+            entry = self._holders.get(holder.actor_urn)
+            if entry is None:
+                entry = (supervision.monitor(holder, self.actor_ref), {})
+                self._holders[holder.actor_urn] = entry
+            entry[1][key] = entry[1].get(key, 0) + 1
         if row.tier != "ram" and row.location is not None:
             self._tiers[row.tier].write_hits(key, row.hits)
         return row
 
-    def checkin(self, key: bytes) -> None:
+    def checkin(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> None:
         """A reader is done with a row."""
         self.index.checkin(key)
+        if holder is not None:
+            entry = self._holders.get(holder.actor_urn)
+            if entry is not None:
+                keys = entry[1]
+                keys[key] = keys.get(key, 1) - 1
+                if keys[key] <= 0:
+                    del keys[key]
+                if not keys:
+                    supervision.demonitor(entry[0])
+                    del self._holders[holder.actor_urn]
+
+    def _holder_down(self, down: supervision.Down) -> None:
+        entry = self._holders.pop(down.actor_ref.actor_urn, None)
+        if entry is None:
+            return
+        for key, n in entry[1].items():
+            for _ in range(n):
+                self.index.checkin(key)
+        logger.info("released %d checkouts of dead reader %s", sum(entry[1].values()), down.actor_ref)
+
+    def holders(self) -> int:
+        """Readers with checkouts outstanding."""
+        return len(self._holders)
 
     def remove(self, key: bytes) -> Row | None:
         """Forget an available row (a reader found it corrupt, or it was deleted)."""

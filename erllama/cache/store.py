@@ -274,12 +274,13 @@ class CacheStore:
         return 0
 
     @contextlib.contextmanager
-    def restore(self, key: bytes) -> Iterator[kvc.Row | None]:
+    def restore(self, key: bytes, holder: Any = None) -> Iterator[kvc.Row | None]:
         """Check the row out and yield it (``None`` if it is gone or turns out corrupt: a
         corrupt row is removed and never served). Views in the row are valid inside the
-        ``with`` block only."""
+        ``with`` block only. A ``holder`` actor ref (the model actor) has its checkout
+        released by the meta server should it die inside the block."""
         t0 = time.perf_counter_ns()
-        row = self._ask("checkout", key)
+        row = self._ask("checkout", key, holder)
         if row is None:
             yield None
             return
@@ -294,7 +295,7 @@ class CacheStore:
             finally:
                 data.release()
         finally:
-            self._ask("checkin", key)
+            self._ask("checkin", key, holder)
         # promote disk rows to tmpfs, which survives a process restart; never into the
         # in-process ram tier, which would trade a durable copy for a volatile one
         if row.tier == "disk" and "ram_file" in self.tiers and self.index.free_bytes("ram_file") >= row.size:
