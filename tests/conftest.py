@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from erllama import _native as native
 from erllama.testing.tinymodel import write_tiny_lora, write_tiny_model
+
+# The suite gates CI on a shared, noisy machine: the same examples every run and no
+# per-example deadline. HYPOTHESIS_PROFILE=explore draws new examples each run.
+settings.register_profile("erllama", derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "erllama"))
 
 
 @pytest.fixture(scope="session")

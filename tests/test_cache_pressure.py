@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import subprocess
 import threading
 import time
@@ -10,7 +12,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import supervision as S
@@ -101,23 +103,38 @@ def configs(draw):
 
 
 @st.composite
-def samples(draw):
+def below_high(draw):
+    """A config and a sample below its high watermark (or with no total), drawn directly."""
+    cfg = draw(configs())
     total = draw(st.integers(-10, 2**50))
-    used = draw(st.integers(0, max(0, total) * 2 + 10))
-    return used, total
+    if total <= 0:
+        return (draw(st.integers(0, 100)), total), cfg
+    limit = math.ceil(Fraction(cfg.high) * total) - 1  # the largest used with used/total < high
+    return (draw(st.integers(0, max(0, limit))), total), cfg
 
 
-@given(samples(), configs())
-def test_decide_zero_below_high(sample, cfg):
-    used, total = sample
-    assume(total <= 0 or used / total < cfg.high)
+@given(below_high())
+def test_decide_zero_below_high(case):
+    (used, total), cfg = case
+    if total > 0 and Fraction(used, total) >= Fraction(cfg.high):
+        return  # high so close to 0 that no used byte is below it (used = 0 at total = 1)
     assert decide(used, total, cfg) == 0
 
 
-@given(samples(), configs())
-def test_decide_above_high_reaches_low(sample, cfg):
-    used, total = sample
-    assume(total > 0 and used / total >= cfg.high)
+@st.composite
+def above_high(draw):
+    """A config and a sample at or above its high watermark, drawn directly (no filtering)."""
+    cfg = draw(configs())
+    total = draw(st.integers(1, 2**50))
+    first = math.ceil(Fraction(cfg.high) * total)
+    used = draw(st.integers(first, max(first, total) * 2 + 10))
+    return (used, total), cfg
+
+
+@given(above_high())
+def test_decide_above_high_reaches_low(case):
+    (used, total), cfg = case
+    assert used / total >= cfg.high or Fraction(used, total) >= Fraction(cfg.high)
     n = decide(used, total, cfg)
     assert isinstance(n, int)
     assert n >= cfg.min_evict_bytes
