@@ -1,0 +1,179 @@
+"""Application and model configuration: frozen dataclasses, validated when built.
+
+A bad value raises :class:`erllama.errors.ConfigError` naming the field and the value, so
+``erllama.start(...)`` and ``erllama.load_model(...)`` fail before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from erllama import errors
+from erllama.cache.policy import SavePolicy
+from erllama.cache.pressure import PressureConfig
+from erllama.cache.store import CacheConfig
+
+__all__ = ["AppConfig", "ModelConfig"]
+
+GiB = 1 << 30
+TIERS = ("ram", "ram_file", "disk")
+ISOLATION = ("none", "probe", "process")
+RESTART = ("temporary", "transient", "permanent")
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise errors.ConfigError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise errors.ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _policy(value: Any, name: str = "policy") -> SavePolicy:
+    if isinstance(value, SavePolicy):
+        return value
+    if value is None:
+        return SavePolicy()
+    if isinstance(value, Mapping):
+        return SavePolicy.from_dict(value)
+    raise errors.ConfigError(f"{name} must be a dict of save-policy knobs or a SavePolicy, got {value!r}")
+
+
+def _from_kwargs(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise errors.ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(names)}")
+    base = config if config is not None else cls()
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """How the application runs: the cache directory, tier quotas and directories, the
+    default save policy, the writer pool, memory pressure, and the model supervisor's
+    restart intensity."""
+
+    cache_dir: str = field(default_factory=lambda: os.environ.get("ERLLAMA_CACHE_DIR")
+                           or str(Path.home() / ".cache" / "erllama"))
+    ram_quota: int = 1 * GiB
+    ram_file_dir: str | None = None
+    ram_file_quota: int = 2 * GiB
+    disk_quota: int = 20 * GiB
+    policy: Any = None
+    writer_max_concurrent: int = 4
+    pressure: Any = None
+    model_intensity: int = 5
+    model_period: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cache_dir, str | os.PathLike) or not str(self.cache_dir):
+            raise errors.ConfigError(f"cache_dir must be a path, got {self.cache_dir!r}")
+        object.__setattr__(self, "cache_dir", str(Path(self.cache_dir).expanduser()))
+        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
+            _int(name, getattr(self, name), 0)
+        _int("writer_max_concurrent", self.writer_max_concurrent, 1, 256)
+        _int("model_intensity", self.model_intensity, 0)
+        if not isinstance(self.model_period, int | float) or isinstance(self.model_period, bool) \
+                or not 0 < self.model_period < 86400:
+            raise errors.ConfigError(f"model_period must be seconds in (0, 86400), got {self.model_period!r}")
+        object.__setattr__(self, "policy", _policy(self.policy))
+        pressure = self.pressure
+        if pressure is None:
+            pressure = PressureConfig()
+        elif isinstance(pressure, Mapping):
+            try:
+                pressure = PressureConfig(**pressure)
+            except TypeError as exc:
+                raise errors.ConfigError(f"pressure: {exc}") from None
+        elif not isinstance(pressure, PressureConfig):
+            raise errors.ConfigError(f"pressure must be a dict or PressureConfig, got {pressure!r}")
+        object.__setattr__(self, "pressure", pressure)
+
+    @classmethod
+    def build(cls, config: AppConfig | None = None, **overrides: Any) -> AppConfig:
+        """``config`` (or the defaults) with ``overrides`` applied; unknown names raise."""
+        return _from_kwargs(cls, config, overrides)
+
+    def cache_config(self) -> CacheConfig:
+        """The cache store's configuration derived from this one."""
+        return CacheConfig(ram_quota=self.ram_quota, ram_file_dir=self.ram_file_dir,
+                           ram_file_quota=self.ram_file_quota, disk_dir=str(Path(self.cache_dir) / "kv"),
+                           disk_quota=self.disk_quota, writer_max_concurrent=self.writer_max_concurrent,
+                           pressure=self.pressure)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How one model is loaded and served (the options of ``erllama.load_model``)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool | str = "auto"
+    swa_full: bool = False
+    chat_template: str | None = None
+    fingerprint: bytes | str = "file"
+    tier: str = "ram"
+    policy: Any = None
+    isolation: str = "probe"
+    restart: str = "transient"
+    backend: str = "llama"
+    prefill_chunk: int | None = None
+    namespace: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _int("n_ctx", self.n_ctx, 1, 1 << 24)
+        _int("n_batch", self.n_batch, 1, 1 << 20)
+        _int("n_ubatch", self.n_ubatch, 1, 1 << 20)
+        _int("n_seq_max", self.n_seq_max, 1, 256)
+        if self.n_threads is not None:
+            _int("n_threads", self.n_threads, 1, 1024)
+        _int("n_gpu_layers", self.n_gpu_layers, -1, 1 << 16)
+        _choice("type_k", self.type_k, KV_TYPES)
+        _choice("type_v", self.type_v, KV_TYPES)
+        _choice("flash_attn", self.flash_attn, (True, False, "auto", "on", "off"))
+        if not isinstance(self.swa_full, bool):
+            raise errors.ConfigError(f"swa_full must be a bool, got {self.swa_full!r}")
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
+            raise errors.ConfigError(f"chat_template must be a template name or Jinja text, got {self.chat_template!r}")
+        fp = self.fingerprint
+        if not ((isinstance(fp, bytes) and len(fp) == 32) or fp in ("file", "gguf_chunked")):
+            raise errors.ConfigError(f"fingerprint must be 32 bytes, 'file' or 'gguf_chunked', got {fp!r}")
+        _choice("tier", self.tier, TIERS)
+        object.__setattr__(self, "policy", _policy(self.policy))
+        _choice("isolation", self.isolation, ISOLATION)
+        _choice("restart", self.restart, RESTART)
+        if not isinstance(self.backend, str) or not (self.backend in ("llama", "stub") or ":" in self.backend):
+            raise errors.ConfigError(f"backend must be 'llama', 'stub' or 'package.module:Class', got {self.backend!r}")
+        if self.prefill_chunk is not None:
+            _int("prefill_chunk", self.prefill_chunk, 1, 1 << 20)
+        if self.namespace is not None and (not isinstance(self.namespace, bytes) or not self.namespace):
+            raise errors.ConfigError(f"namespace must be non-empty bytes or None, got {self.namespace!r}")
+        if self.n_ubatch > self.n_batch:
+            object.__setattr__(self, "n_ubatch", self.n_batch)
+
+    @classmethod
+    def build(cls, config: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+        """``config`` (or the defaults) with ``overrides`` applied; unknown names raise."""
+        return _from_kwargs(cls, config, overrides)
+
+    def context_params(self) -> dict[str, Any]:
+        """The parameters that shape KV bytes, for the cache key's context-shape hash
+        (``n_seq_max`` and ``kv_unified`` included: a state blob records the stream layout)."""
+        return {"type_k": self.type_k, "type_v": self.type_v, "flash_attn": self.flash_attn,
+                "swa_full": self.swa_full, "n_seq_max": self.n_seq_max, "kv_unified": False}
