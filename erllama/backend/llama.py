@@ -1,14 +1,22 @@
-"""The llama.cpp backend: the only module that imports the compiled ``erllama._native``.
-
-For now it exposes the binding itself (``native``) and the native helpers the demo and
-benchmarks need; the model actor's backend protocol builds on it.
-"""
+"""The llama.cpp backend: the only module that imports the compiled ``erllama._native``."""
 
 from __future__ import annotations
 
-from erllama import _native as native
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-__all__ = ["crc32c", "greedy_generate", "native"]
+import numpy as np
+
+from erllama import _native as native
+from erllama import errors
+
+__all__ = ["LlamaBackend", "crc32c", "greedy_generate", "native"]
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated where available."""
+    return native.crc32c(data, crc)
 
 
 def greedy_generate(ctx: native.Context, sampler: native.Sampler, seq_id: int, n: int) -> list[int]:
@@ -25,6 +33,98 @@ def greedy_generate(ctx: native.Context, sampler: native.Sampler, seq_id: int, n
     return out
 
 
-def crc32c(data, crc: int = 0) -> int:
-    """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated where available."""
-    return native.crc32c(data, crc)
+class LlamaBackend:
+    """A model and one context on the native binding (see ``backend.protocol.Backend``)."""
+
+    def __init__(self, path: str | os.PathLike[str], config: Any) -> None:
+        self.model = native.Model.load(path, n_gpu_layers=config.n_gpu_layers)
+        try:
+            self.ctx = native.Context.create(
+                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                n_seq_max=config.n_seq_max, n_threads=config.n_threads, type_k=config.type_k,
+                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full)
+        except BaseException:
+            self.model.free()
+            raise
+        self.chat_template = config.chat_template
+        self.n_vocab = self.model.n_vocab
+        self.n_ctx_seq = self.ctx.n_ctx_seq
+        self.n_seq_max = self.ctx.n_seq_max
+        self.n_batch = self.ctx.n_batch
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text to token ids."""
+        return self.model.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids to text."""
+        return self.model.detokenize(tokens)
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes one token renders as."""
+        return self.model.token_to_piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens."""
+        return self.model.is_eog(token)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], template: str | None = None,
+                            add_assistant: bool = True) -> str:
+        """The model's template, else ``template``, else the configured fallback."""
+        tmpl = template or self.model.chat_template() or self.chat_template
+        if tmpl is None:
+            raise errors.NoChatTemplate(f"model {self.model.path!r} has no chat template and none was configured")
+        return native.apply_chat_template(tmpl, messages, add_assistant)
+
+    def step(self, rows: Iterable[tuple[Any, ...]]) -> list[int]:
+        """One decode of several sequences' rows."""
+        return self.ctx.step(rows)
+
+    def logits(self, seq_id: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy of the last-token logits."""
+        return self.ctx.logits(seq_id, out)
+
+    def new_sampler(self, params: dict[str, Any]) -> native.Sampler:
+        """A sampler chain for one request."""
+        return native.Sampler(self.model, **params)
+
+    def sample(self, sampler: native.Sampler, seq_id: int) -> int:
+        """Sample from the last step's logits of ``seq_id``."""
+        return sampler.sample(self.ctx, seq_id)
+
+    def sample_logits(self, sampler: native.Sampler, logits: np.ndarray) -> int:
+        """Sample from stored logits."""
+        return sampler.sample_logits(logits)
+
+    def free_sampler(self, sampler: native.Sampler) -> None:
+        """Release a sampler."""
+        sampler.free()
+
+    def state_get(self, seq_id: int) -> bytes:
+        """The KV state of ``seq_id``."""
+        return self.ctx.state_get(seq_id)
+
+    def state_set(self, seq_id: int, data: Any) -> int:
+        """Restore a state; returns the positions restored."""
+        return self.ctx.state_set(seq_id, data)
+
+    def seq_clear(self, seq_id: int) -> None:
+        """Empty ``seq_id``."""
+        self.ctx.seq_clear(seq_id)
+
+    def n_past(self, seq_id: int) -> int:
+        """Positions ``seq_id`` holds."""
+        return self.ctx.n_past(seq_id)
+
+    def request_abort(self) -> None:
+        """Interrupt the running decode (any thread)."""
+        self.ctx.request_abort()
+
+    def clear_abort(self) -> None:
+        """Let decodes run again."""
+        self.ctx.clear_abort()
+
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        self.ctx.free()
+        self.model.free()

@@ -1,0 +1,107 @@
+"""The backend contract: what a model actor needs from an inference engine.
+
+One backend instance owns one model and one context with ``n_seq_max`` sequences. All
+calls come from the model actor's single decode thread, except :meth:`Backend.request_abort`
+which any thread may call. Errors are ``erllama.errors`` exceptions, as the native binding
+raises them. Implementations: ``llama.LlamaBackend`` (the binding) and ``stub.StubBackend``
+(deterministic, pure Python, for fast scheduler and actor tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "SamplerParams"]
+
+SamplerParams = dict[str, Any]
+"""``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``seed``, ``grammar``."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The operations a model actor performs on its engine."""
+
+    n_vocab: int
+    n_ctx_seq: int
+    n_seq_max: int
+    n_batch: int
+
+    # vocabulary and text
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text to token ids."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids to text."""
+        ...
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes one token renders as (possibly a partial UTF-8 sequence)."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens."""
+        ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], template: str | None = None,
+                            add_assistant: bool = True) -> str:
+        """Render chat messages with the model's template or a named one."""
+        ...
+
+    # decoding
+    def step(self, rows: Iterable[tuple[int, Sequence[int]] | tuple[int, Sequence[int], bool]]) -> list[int]:
+        """One decode of several sequences' rows; returns the sequences that produced logits."""
+        ...
+
+    def logits(self, seq_id: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy of the last-token logits of ``seq_id``."""
+        ...
+
+    def new_sampler(self, params: SamplerParams) -> Any:
+        """A sampler chain for one request."""
+        ...
+
+    def sample(self, sampler: Any, seq_id: int) -> int:
+        """Sample the next token of ``seq_id`` from the last step's logits."""
+        ...
+
+    def sample_logits(self, sampler: Any, logits: np.ndarray) -> int:
+        """Sample from a stored logits buffer (an exact-hit restore)."""
+        ...
+
+    def free_sampler(self, sampler: Any) -> None:
+        """Release a sampler (idempotent)."""
+        ...
+
+    # sequence state
+    def state_get(self, seq_id: int) -> bytes:
+        """The KV state of ``seq_id``."""
+        ...
+
+    def state_set(self, seq_id: int, data: Any) -> int:
+        """Restore a state into ``seq_id``; returns the positions restored."""
+        ...
+
+    def seq_clear(self, seq_id: int) -> None:
+        """Empty ``seq_id``."""
+        ...
+
+    def n_past(self, seq_id: int) -> int:
+        """Positions ``seq_id`` holds."""
+        ...
+
+    # cancel and lifetime
+    def request_abort(self) -> None:
+        """Interrupt the running decode (any thread)."""
+        ...
+
+    def clear_abort(self) -> None:
+        """Let decodes run again."""
+        ...
+
+    def close(self) -> None:
+        """Free everything (idempotent)."""
+        ...
