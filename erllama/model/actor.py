@@ -1,0 +1,227 @@
+"""The per-model actor: admission, batched multi-sequence ticks, sampling, stop handling.
+
+All decoding happens on this actor's thread. A tick is a message the actor sends itself,
+so other messages (new requests, observability reads) interleave between ticks. Cancel is
+out of band: a flag on the request, honoured at the next tick, queued or running. A
+request that fails (bad input, a failed step) gets its error; the model goes on.
+
+Not yet here (issue 5): cache restore and saves, sticky sessions, embeddings, adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import supervision
+from erllama import errors
+from erllama.backend.protocol import Backend
+from erllama.model.request import Request
+from erllama.model.scheduler import SeqWork, plan_tick
+from erllama.types import Done, Token
+
+__all__ = ["ModelActor", "Submit"]
+
+logger = logging.getLogger("erllama.model")
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Admit a request (its events go to ``request.sink``)."""
+
+    request: Request
+
+
+class _Tick:
+    pass
+
+
+class ModelActor(supervision.Actor):
+    """Serves one backend: up to ``n_seq_max`` requests decoded together, the rest queued
+    in FIFO order."""
+
+    def __init__(self, model_id: str, backend: Backend, prefill_chunk: int | None = None) -> None:
+        super().__init__()
+        self.model_id = model_id
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self.free_seqs = deque(range(backend.n_seq_max))
+        self.running: dict[int, Request] = {}
+        self.pending: deque[Request] = deque()
+        self._ticking = False
+        self._tick_no = 0
+
+    # ---- messages --------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """``Submit`` requests, ticks, and the observability reads."""
+        if isinstance(message, _Tick):
+            self._ticking = False
+            self._tick()
+            return None
+        if isinstance(message, Submit):
+            self._submit(message.request)
+            return None
+        if message == "phase":
+            return self.phase()
+        if message == "queue_depth":
+            return len(self.pending)
+        logger.warning("model %s ignores an unexpected message %r", self.model_id, message)
+        return None
+
+    def on_stop(self) -> None:
+        """Fail what is left and free the backend."""
+        for req in list(self.running.values()) + list(self.pending):
+            self._fail(req, errors.ModelCrashed(f"model {self.model_id!r} stopped"))
+        self.backend.close()
+
+    def phase(self) -> str:
+        """``idle``, ``prefilling`` or ``generating`` (the dominant phase of running requests)."""
+        phases = [r.phase for r in self.running.values()]
+        if not phases:
+            return "idle"
+        return "prefilling" if phases.count("prefilling") >= phases.count("generating") else "generating"
+
+    # ---- admission ----------------------------------------------------------------------------
+
+    def _submit(self, req: Request) -> None:
+        try:
+            self._validate(req)
+        except errors.ErllamaError as exc:
+            req.finished = True
+            req.sink(exc)
+            return
+        self.pending.append(req)
+        self._schedule()
+
+    def _validate(self, req: Request) -> None:
+        if not req.prompt:
+            raise errors.EmptyPrompt("the prompt holds no tokens")
+        n_vocab = self.backend.n_vocab
+        for i, t in enumerate(req.prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise errors.InvalidToken(f"prompt[{i}] = {t!r} is outside the vocabulary [0, {n_vocab})")
+        if len(req.prompt) + 1 > self.backend.n_ctx_seq:
+            raise errors.ContextOverflow(
+                f"the prompt holds {len(req.prompt)} tokens; a sequence holds {self.backend.n_ctx_seq}")
+
+    def _admit(self) -> None:
+        while self.pending and self.free_seqs:
+            req = self.pending.popleft()
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+                continue
+            try:
+                req.sampler = self.backend.new_sampler(req.params.sampler())
+            except errors.ErllamaError as exc:
+                self._fail(req, exc)
+                continue
+            req.seq = self.free_seqs.popleft()
+            req.t_admit = time.perf_counter()
+            self.backend.seq_clear(req.seq)
+            req.cursor = list(req.prompt)
+            self.running[req.seq] = req
+
+    # ---- the tick -------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._ticking:
+            self._ticking = True
+            self.actor_ref.tell(_Tick())
+
+    def _tick(self) -> None:
+        for req in [r for r in self.pending if r.cancelled.is_set()]:
+            self.pending.remove(req)
+            self._finish(req, "cancelled")
+        for req in [r for r in self.running.values() if r.cancelled.is_set()]:
+            self._finish(req, "cancelled")
+        self._admit()
+        work = [SeqWork(r.seq, r.order, decode=r.next_token is not None, prefill=len(r.cursor))
+                for r in self.running.values()]
+        plan = plan_tick(work, self.backend.n_batch, self.prefill_chunk, self._tick_no)
+        self._tick_no += 1
+        if plan:
+            self._run(plan)
+        if self.running or self.pending:
+            self._schedule()
+
+    def _run(self, plan: list[tuple[int, int]]) -> None:
+        rows = []
+        for seq, n in plan:
+            req = self.running[seq]
+            if req.next_token is not None:
+                rows.append((seq, [req.next_token], True))
+            else:
+                rows.append((seq, req.cursor[:n], n == len(req.cursor)))
+        try:
+            self.backend.step(rows)
+        except errors.ErllamaError as exc:
+            for seq, _ in plan:
+                self._fail(self.running[seq], exc)
+            return
+        for seq, toks, want in rows:
+            req = self.running[seq]
+            req.context.extend(toks)
+            if req.next_token is not None:
+                req.next_token = None
+            else:
+                del req.cursor[: len(toks)]
+            if want:
+                self._sample(req)
+
+    def _sample(self, req: Request) -> None:
+        if req.params.max_tokens == 0:
+            self._finish(req, "length")
+            return
+        try:
+            tok = self.backend.sample(req.sampler, req.seq)
+        except errors.ErllamaError as exc:
+            self._fail(req, exc)
+            return
+        if not req.t_first:
+            req.t_first = time.perf_counter()
+        if self.backend.is_eog(tok):
+            self._finish(req, "stop")
+            return
+        req.generated.append(tok)
+        text = req.text.feed(self.backend.token_piece(tok))
+        req.parts.append(text)
+        req.sink(Token(text, tok))
+        if req.text.matched is not None:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.params.max_tokens:
+            self._finish(req, "length")
+        else:
+            req.next_token = tok
+
+    # ---- endings --------------------------------------------------------------------------------
+
+    def _release(self, req: Request) -> None:
+        if req.seq is not None and self.running.get(req.seq) is req:
+            del self.running[req.seq]
+            self.backend.seq_clear(req.seq)
+            self.free_seqs.append(req.seq)
+        if req.sampler is not None:
+            self.backend.free_sampler(req.sampler)
+            req.sampler = None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self._release(req)
+        tail = req.text.flush()
+        if tail:
+            req.parts.append(tail)
+            req.sink(Token(tail, -1))
+        req.sink(Done(req.completion(reason)))
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self._release(req)
+        req.sink(exc)

@@ -1,0 +1,59 @@
+"""Result and event types of the public API (``erllama.Completion``, ``Token``, ``Done``, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["CacheDelta", "Completion", "Done", "Stats", "Token"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Timings and counts of one request (milliseconds)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    generation_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    queued_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class CacheDelta:
+    """Prompt tokens restored from the cache (``read``) and saved by this request (``created``)."""
+
+    read: int = 0
+    created: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of ``complete`` (and of a drained ``Stream``)."""
+
+    text: str
+    tokens: tuple[int, ...]
+    context_tokens: int
+    finish_reason: str
+    finish_key: bytes | None = None
+    cache_hit: str = "cold"
+    cache_delta: CacheDelta = field(default_factory=CacheDelta)
+    stop_sequence: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A streamed piece of text and the token id it came from (text may be empty while a
+    multi-byte character or a possible stop sequence is held back)."""
+
+    text: str
+    id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event of a stream."""
+
+    completion: Completion
