@@ -201,9 +201,30 @@ class Actor(pykka.ThreadingActor):
             else:
                 self.started.set(None)
             self._actor_loop_running()
+            self._drain_tells()
             self._actor_loop_teardown()
         finally:
             self._exit()
+
+    def _drain_tells(self) -> None:
+        # pykka drops tells left in the inbox at exit; give the actor a last look at them
+        # (asks left there still fail with ActorDeadError in pykka's teardown)
+        kept = []
+        while not self.actor_inbox.empty():
+            envelope = self.actor_inbox.get()
+            if envelope.reply_to is None and not isinstance(envelope.message, _Wake | _Shutdown):
+                try:
+                    self.on_undelivered(envelope.message)
+                except Exception:
+                    logger.exception("on_undelivered failed in %s", self.actor_ref)
+            else:
+                kept.append(envelope)
+        for envelope in kept:
+            self.actor_inbox.put(envelope)
+
+    def on_undelivered(self, message: Any) -> None:
+        """A ``tell`` that was still in the inbox when the actor exited (runs in its thread).
+        Override to answer requests that would otherwise wait forever."""
 
     def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         if self._life.pending_reason is None or not self._life.pending_reason.abnormal:

@@ -96,17 +96,38 @@ def test_four_concurrent_equal_sequential_and_the_fifth_queues(make_actor):
 
 def test_cancel_queued_and_running(make_actor):
     actor, be = make_actor(n_seq_max=1)
-    running, rcol = submit(actor, prompt_for(be, 1), max_tokens=100_000)
-    queued, qcol = submit(actor, prompt_for(be, 2), max_tokens=5)
-    while not any(isinstance(e, Token) for e in rcol.events):
-        time.sleep(0.001)
-    queued.cancelled.set()
+    holder = {}
+
+    class CancelOnFirstToken(Collector):
+        """Cancels both requests from the actor's thread when the first token arrives, so
+        the test does not race a fast backend."""
+
+        def __call__(self, event):
+            if isinstance(event, Token) and not holder.get("fired"):
+                holder["fired"] = True
+                holder["queued"].cancelled.set()
+                holder["running"].cancelled.set()
+            super().__call__(event)
+
+    rcol = CancelOnFirstToken()
+    running = Request(prompt_for(be, 1), RequestParams(max_tokens=100_000), rcol)
+    queued, qcol = Request(prompt_for(be, 2), RequestParams(max_tokens=5), Collector()), None
+    qcol = queued.sink
+    holder.update(running=running, queued=queued)
+    actor.tell(Submit(running))
+    actor.tell(Submit(queued))
     assert qcol.result().finish_reason == "cancelled" and qcol.result().tokens == ()
-    running.cancelled.set()
     done = rcol.result(timeout=5)
-    assert done.finish_reason == "cancelled" and 0 < len(done.tokens) < 100_000
+    assert done.finish_reason == "cancelled" and len(done.tokens) == 1  # ended at the next tick
     after = submit(actor, prompt_for(be, 3), max_tokens=3)[1].result()
     assert len(after.tokens) == 3
+
+
+def test_a_full_context_ends_with_length(make_actor):
+    # the stub never samples end-of-generation, so only the full context can end it
+    actor, be = make_actor(backend_cls=StubBackend)
+    done = submit(actor, prompt_for(be, 1), max_tokens=100_000)[1].result()
+    assert done.finish_reason == "length" and done.context_tokens == be.n_ctx_seq
 
 
 def test_stop_sequence_cuts_the_text(make_actor):

@@ -391,3 +391,25 @@ def test_registry_ask_does_not_resend_to_a_live_actor():
     finally:
         S.registry.unregister("raiser")
         ref.stop()
+
+
+def test_tells_left_in_the_inbox_reach_on_undelivered():
+    seen = []
+    gate = threading.Event()
+
+    class Busy(S.Actor):
+        def on_receive(self, message):
+            if message == "block":
+                gate.wait(5)
+                raise RuntimeError("dies with tells queued")
+
+        def on_undelivered(self, message):
+            seen.append(message)
+
+    ref = Busy.start()
+    ref.tell("block")
+    ref.tell("late-1")
+    ref.tell("late-2")
+    gate.set()
+    wait_until(lambda: not ref.is_alive() and S.exit_reason(ref) is not None, what="exit")
+    wait_until(lambda: seen == ["late-1", "late-2"], what="undelivered tells")

@@ -69,13 +69,32 @@ class ModelActor(supervision.Actor):
             return self.phase()
         if message == "queue_depth":
             return len(self.pending)
+        if isinstance(message, tuple) and message[:1] == ("tokenize",):
+            return self.backend.tokenize(*message[1:])
+        if isinstance(message, tuple) and message[:1] == ("detokenize",):
+            return self.backend.detokenize(message[1])
+        if message == "crash":  # fault injection for supervision tests
+            raise RuntimeError(f"model {self.model_id!r}: injected crash")
         logger.warning("model %s ignores an unexpected message %r", self.model_id, message)
         return None
 
     def on_stop(self) -> None:
         """Fail what is left and free the backend."""
+        self._end(errors.ModelCrashed(f"model {self.model_id!r} was unloaded or stopped"))
+
+    def on_failure(self, *exc_info: Any) -> None:
+        """An unexpected failure: every request in flight or queued gets ``ModelCrashed``."""
+        self._end(errors.ModelCrashed(f"model {self.model_id!r} crashed: {exc_info[1]!r}"))
+
+    def on_undelivered(self, message: Any) -> None:
+        """A request submitted just before the actor died gets ``ModelCrashed``."""
+        if isinstance(message, Submit):
+            self._fail(message.request, errors.ModelCrashed(f"model {self.model_id!r} stopped before the request ran"))
+
+    def _end(self, exc: errors.ErllamaError) -> None:
         for req in list(self.running.values()) + list(self.pending):
-            self._fail(req, errors.ModelCrashed(f"model {self.model_id!r} stopped"))
+            self._fail(req, exc)
+        self.pending.clear()
         self.backend.close()
 
     def phase(self) -> str:
@@ -89,6 +108,8 @@ class ModelActor(supervision.Actor):
 
     def _submit(self, req: Request) -> None:
         try:
+            if isinstance(req.prompt, str):
+                req.prompt = self.backend.tokenize(req.prompt)
             self._validate(req)
         except errors.ErllamaError as exc:
             req.finished = True
@@ -192,8 +213,8 @@ class ModelActor(supervision.Actor):
         req.sink(Token(text, tok))
         if req.text.matched is not None:
             self._finish(req, "stop")
-        elif len(req.generated) >= req.params.max_tokens:
-            self._finish(req, "length")
+        elif len(req.generated) >= req.params.max_tokens or len(req.context) >= self.backend.n_ctx_seq:
+            self._finish(req, "length")  # max_tokens, or the sequence's context is full
         else:
             req.next_token = tok
 

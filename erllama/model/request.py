@@ -54,9 +54,9 @@ class RequestParams:
 class Request:
     """A request's life in the actor: queued, prefilling, generating, finished."""
 
-    def __init__(self, prompt: list[int], params: RequestParams, sink: Callable[[Any], None]) -> None:
+    def __init__(self, prompt: list[int] | str, params: RequestParams, sink: Callable[[Any], None]) -> None:
         self.id = next(_ids)
-        self.prompt = prompt
+        self.prompt: Any = prompt  # a str is tokenized by the actor
         self.params = params
         self.sink = sink
         self.cancelled = threading.Event()
