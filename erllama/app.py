@@ -4,19 +4,22 @@
 actors); ``stop`` takes it down in reverse order. A model actor that fails unexpectedly is
 restarted under the same id (a new backend), within the configured intensity.
 
-Not yet here (issue 5): cache integration in the model actor, sticky sessions, embeddings,
-adapters, ``prefill_only``; the ``probe``/``process`` isolation modes (issue 6) run
+Not yet here (issue 5): continued saves, sticky sessions, embeddings, adapters,
+``prefill_only``; the ``probe``/``process`` isolation modes (issue 6) run
 in-process for now.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -24,6 +27,7 @@ import pykka
 import supervision
 from erllama import cache as cache_api
 from erllama import errors
+from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
 from erllama.cache.store import CacheStore
 from erllama.config import AppConfig, ModelConfig
 from erllama.model.actor import ModelActor, Submit
@@ -102,13 +106,43 @@ class Application:
             self.restarts[model_id] = 0
         backend = _backend_class(cfg.backend)(path, cfg)
         try:
-            ref = ModelActor.start(model_id, backend, cfg.prefill_chunk)
+            km = KeyMeta(self._fingerprint(path, cfg), quant_byte(quant_from_ftype_name(backend.ftype_name)),
+                         ctx_params_hash(**cfg.context_params()), cfg.namespace)
+            ref = ModelActor.start(model_id, backend, cfg.prefill_chunk, cache=self.cache, key_meta=km,
+                                   policy=cfg.policy or self.config.policy, tier=cfg.tier)
         except BaseException:
             backend.close()
             raise
         # the registry entry follows restarts: lookups wait while the model reloads
         supervision.registry.register(name, ref, supervised=True)
         return ref
+
+    def _fingerprint(self, path: str, cfg: ModelConfig) -> bytes:
+        """The model's cache fingerprint: configured bytes, or the SHA-256 of the file,
+        remembered per (path, size, mtime, inode) in the cache directory."""
+        if isinstance(cfg.fingerprint, bytes):
+            return cfg.fingerprint
+        st = os.stat(path)
+        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        store = Path(self.config.cache_dir) / "fingerprints.json"
+        with _lock:
+            try:
+                known = json.loads(store.read_text())
+            except (OSError, ValueError):
+                known = {}
+            if ident in known:
+                return bytes.fromhex(known[ident])
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        with _lock:
+            known[ident] = h.hexdigest()
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, store)
+        return h.digest()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Models first, then the cache."""

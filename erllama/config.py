@@ -155,7 +155,8 @@ class ModelConfig:
         if not ((isinstance(fp, bytes) and len(fp) == 32) or fp in ("file", "gguf_chunked")):
             raise errors.ConfigError(f"fingerprint must be 32 bytes, 'file' or 'gguf_chunked', got {fp!r}")
         _choice("tier", self.tier, TIERS)
-        object.__setattr__(self, "policy", _policy(self.policy))
+        if self.policy is not None:  # None: the application's default policy
+            object.__setattr__(self, "policy", _policy(self.policy))
         _choice("isolation", self.isolation, ISOLATION)
         _choice("restart", self.restart, RESTART)
         if not isinstance(self.backend, str) or not (self.backend in ("llama", "stub") or ":" in self.backend):

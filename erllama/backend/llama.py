@@ -47,6 +47,7 @@ class LlamaBackend:
             self.model.free()
             raise
         self.chat_template = config.chat_template
+        self.ftype_name = self.model.ftype_name
         self.n_vocab = self.model.n_vocab
         self.n_ctx_seq = self.ctx.n_ctx_seq
         self.n_seq_max = self.ctx.n_seq_max

@@ -25,6 +25,7 @@ class Backend(Protocol):
     """The operations a model actor performs on its engine."""
 
     n_vocab: int
+    ftype_name: str
     n_ctx_seq: int
     n_seq_max: int
     n_batch: int

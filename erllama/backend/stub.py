@@ -43,6 +43,7 @@ class StubBackend:
 
     def __init__(self, path: Any, config: Any, n_vocab: int = 259) -> None:
         self.n_vocab = n_vocab
+        self.ftype_name = "all F32"
         self.n_seq_max = config.n_seq_max
         self.n_ctx_seq = max(1, config.n_ctx // config.n_seq_max)
         self.n_batch = config.n_batch

@@ -5,7 +5,13 @@ so other messages (new requests, observability reads) interleave between ticks. 
 out of band: a flag on the request, honoured at the next tick, queued or running. A
 request that fails (bad input, a failed step) gets its error; the model goes on.
 
-Not yet here (issue 5): cache restore and saves, sticky sessions, embeddings, adapters.
+Cache (when given a store and the model's key meta): an admission restores the exact
+prompt (sampling the first token from the row's stored logits, no re-decode), or the
+longest saved prefix (then prefills only the rest); a cold prompt is saved once prefilled
+(the whole prompt, and the policy's trimmed prefix), a finished request saves its context.
+Saves go to the writer pool and never block decoding.
+
+Not yet here (issue 5): continued saves, sticky sessions, embeddings, adapters.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 import supervision
 from erllama import errors
 from erllama.backend.protocol import Backend
+from erllama.cache import kvc
+from erllama.cache.key import KeyMeta, cache_key
+from erllama.cache.policy import SavePolicy, cold_save_split, should_finish_save
 from erllama.model.request import Request
 from erllama.model.scheduler import SeqWork, plan_tick
 from erllama.types import Done, Token
@@ -43,11 +54,17 @@ class ModelActor(supervision.Actor):
     """Serves one backend: up to ``n_seq_max`` requests decoded together, the rest queued
     in FIFO order."""
 
-    def __init__(self, model_id: str, backend: Backend, prefill_chunk: int | None = None) -> None:
+    def __init__(self, model_id: str, backend: Backend, prefill_chunk: int | None = None, *,
+                 cache: Any = None, key_meta: KeyMeta | None = None, policy: SavePolicy | None = None,
+                 tier: str = "ram") -> None:
         super().__init__()
         self.model_id = model_id
         self.backend = backend
         self.prefill_chunk = prefill_chunk
+        self.cache = cache if key_meta is not None else None
+        self.key_meta = key_meta
+        self.policy = policy or SavePolicy()
+        self.tier = tier
         self.free_seqs = deque(range(backend.n_seq_max))
         self.running: dict[int, Request] = {}
         self.pending: deque[Request] = deque()
@@ -145,6 +162,60 @@ class ModelActor(supervision.Actor):
             self.backend.seq_clear(req.seq)
             req.cursor = list(req.prompt)
             self.running[req.seq] = req
+            if self.cache is not None:
+                self._warm(req)
+
+    # ---- the cache ------------------------------------------------------------------------------
+
+    def _warm(self, req: Request) -> None:
+        """Restore the best saved row into the request's sequence, or arm the cold saves."""
+        hit = self.cache.lookup(self.key_meta, req.prompt, parent_key=req.params.parent_key)
+        logits = None
+        if hit is not None:
+            with self.cache.restore(hit.key, holder=self.actor_ref) as row:
+                restored = -1
+                if row is not None and (row.logits is not None or hit.n_tokens < len(req.prompt)):
+                    # an exact hit needs the row's logits: re-decoding would change them
+                    try:
+                        restored = self.backend.state_set(req.seq, row.kv)
+                    except errors.StateError as exc:
+                        logger.warning("model %s: cached row does not restore: %s", self.model_id, exc)
+                    if restored == hit.n_tokens and hit.n_tokens == len(req.prompt):
+                        logits = np.array(row.logits, dtype=np.float32)
+            if restored != hit.n_tokens:
+                self.backend.seq_clear(req.seq)
+                hit = None
+        if hit is None:
+            req.cache_hit = "cold"
+            split = cold_save_split(self.policy, req.prompt)
+            if split is not None and len(split[0]) >= self.policy.min_tokens and split[1]:
+                req.cursor = list(split[0])
+                req.cold_rest = list(split[1])
+            return
+        req.cache_hit = "exact" if logits is not None else "partial"
+        req.cache_read = hit.n_tokens
+        req.context = list(req.prompt[: hit.n_tokens])
+        req.cursor = list(req.prompt[hit.n_tokens:])
+        if logits is not None:
+            self._sample(req, logits)
+
+    def _save(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None) -> bytes | None:
+        """Hand the sequence's state to the writer pool; returns the row's key."""
+        km = self.key_meta
+        tokens = list(req.context)
+        try:
+            kv = self.backend.state_get(req.seq)
+        except errors.ErllamaError as exc:
+            logger.warning("model %s: state_get failed, no %s save: %s", self.model_id, reason.name, exc)
+            return None
+        meta = kvc.RowMeta(fingerprint=km.fingerprint, quant=km.quant, ctx_params_hash=km.ctx_params_hash,
+                           namespace=km.namespace, tokens=tokens, save_reason=reason,
+                           context_size=self.backend.n_ctx_seq)
+        fut = self.cache.save(meta, logits, kv, tier=self.tier)
+        if fut is None:
+            return None
+        req.cache_created = max(req.cache_created, len(tokens))
+        return cache_key(km, tokens)
 
     # ---- the tick -------------------------------------------------------------------------------
 
@@ -184,21 +255,43 @@ class ModelActor(supervision.Actor):
                 self._fail(self.running[seq], exc)
             return
         for seq, toks, want in rows:
-            req = self.running[seq]
+            req = self.running.get(seq)
+            if req is None:
+                continue
             req.context.extend(toks)
-            if req.next_token is not None:
-                req.next_token = None
-            else:
+            prefill_row = req.next_token is None
+            if prefill_row:
                 del req.cursor[: len(toks)]
-            if want:
-                self._sample(req)
+            else:
+                req.next_token = None
+            if not want:
+                continue
+            if self.cache is not None and prefill_row and not req.cursor and req.cache_hit == "cold":
+                self._cold_saves(req)
+                if req.cursor:
+                    continue  # the trimmed prefix was saved; prefill the rest
+            self._sample(req)
 
-    def _sample(self, req: Request) -> None:
+    def _cold_saves(self, req: Request) -> None:
+        """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""
+        if len(req.context) < self.policy.min_tokens:
+            return
+        logits = self.backend.logits(req.seq)
+        if req.cold_rest is not None:
+            self._save(req, kvc.SaveReason.COLD, logits)
+            req.cursor, req.cold_rest = req.cold_rest, None
+        else:
+            self._save(req, kvc.SaveReason.COLD, logits)
+
+    def _sample(self, req: Request, logits: np.ndarray | None = None) -> None:
         if req.params.max_tokens == 0:
             self._finish(req, "length")
             return
         try:
-            tok = self.backend.sample(req.sampler, req.seq)
+            if logits is not None:
+                tok = self.backend.sample_logits(req.sampler, logits)
+            else:
+                tok = self.backend.sample(req.sampler, req.seq)
         except errors.ErllamaError as exc:
             self._fail(req, exc)
             return
@@ -233,6 +326,13 @@ class ModelActor(supervision.Actor):
         if req.finished:
             return
         req.finished = True
+        if (self.cache is not None and req.seq is not None and self.running.get(req.seq) is req
+                and req.generated and should_finish_save(self.policy, len(req.context))):
+            try:
+                logits = self.backend.logits(req.seq)
+            except errors.NoLogits:
+                logits = None
+            req.finish_key = self._save(req, kvc.SaveReason.FINISH, logits)
         self._release(req)
         tail = req.text.flush()
         if tail:

@@ -75,6 +75,9 @@ class Request:
         self.t_first = 0.0
         self.cache_hit = "cold"
         self.cache_read = 0
+        self.cache_created = 0
+        self.cold_rest: list[int] | None = None
+        self.finish_key: bytes | None = None
 
     @property
     def phase(self) -> str:
@@ -94,6 +97,7 @@ class Request:
                       tokens_per_s=(n - 1) / gen_s if n > 1 and gen_s > 0 else 0.0,
                       queued_ms=((self.t_admit or now) - self.t_submit) * 1e3)
         return Completion(text="".join(self.parts), tokens=tuple(self.generated), context_tokens=len(self.context),
-                          finish_reason=finish_reason, cache_hit=self.cache_hit,
-                          cache_delta=CacheDelta(read=self.cache_read), stop_sequence=self.text.matched,
+                          finish_reason=finish_reason, finish_key=self.finish_key, cache_hit=self.cache_hit,
+                          cache_delta=CacheDelta(read=self.cache_read, created=self.cache_created),
+                          stop_sequence=self.text.matched,
                           stats=stats)

@@ -1,0 +1,83 @@
+"""The cache through the public API: cold then warm, exact and partial hits, multi-turn
+conversations, counters; on the tiny model and on Gemma."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import erllama
+
+POLICY = {"min_tokens": 16, "cold_min_tokens": 16}
+
+
+@pytest.fixture
+def app(tmp_path):
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"), policy=POLICY) as a:
+        erllama.cache.reset_counters()
+        yield a
+
+
+def wait_saves(n_rows, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        store = erllama.cache.current()
+        if len(store.index.rows) >= n_rows and store.writer.busy == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("saves did not land")
+
+
+def test_cold_then_warm_on_the_tiny_model(app, tiny_path):
+    mid = erllama.load_model(tiny_path, n_ctx=1024, n_seq_max=2, n_batch=256, n_threads=1, isolation="none")
+    prompt = erllama.tokenize(mid, "the cat and the dog " * 10)
+    cold = erllama.complete(mid, prompt, max_tokens=12)
+    assert cold.cache_hit == "cold" and cold.finish_key is not None
+    wait_saves(3)  # the trimmed prefix, the whole prompt, the finished context
+    warm = erllama.complete(mid, prompt, max_tokens=12)
+    assert warm.cache_hit == "exact" and warm.cache_delta.read == len(prompt)
+    assert warm.tokens == cold.tokens and warm.text == cold.text
+    longer = prompt + erllama.tokenize(mid, " hello world", add_special=False)
+    part = erllama.complete(mid, longer, max_tokens=12)
+    assert part.cache_hit == "partial" and part.cache_delta.read == len(prompt)
+    c = erllama.cache.counters()
+    assert (c["misses"], c["hits_exact"], c["hits_longest_prefix"]) == (1, 1, 1)
+    assert c["saves_cold"] == 2 and c["saves_finish"] >= 1
+
+
+def test_a_conversation_resent_in_full_hits_every_turn(app, tiny_chatml_path):
+    mid = erllama.load_model(tiny_chatml_path, n_ctx=2048, n_seq_max=1, n_batch=512, n_threads=1,
+                             isolation="none")
+    from erllama.backend.llama import native
+
+    messages = [{"role": "system", "content": "you answer in lowercase letters " * 3}]
+    hits = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"question number {turn} about cats"})
+        text = native.apply_chat_template("chatml", messages)
+        prompt = erllama.tokenize(mid, text, parse_special=True)
+        done = erllama.complete(mid, prompt, max_tokens=8)
+        hits.append((done.cache_hit, done.cache_delta.read, len(prompt)))
+        messages.append({"role": "assistant", "content": done.text})
+        wait_saves(1)
+    assert hits[0][0] == "cold"
+    for kind, read, n in hits[1:]:
+        assert kind in ("partial", "exact") and 0 < read <= n
+    c = erllama.cache.counters()
+    assert c["misses"] == 1 and c["hits_longest_prefix"] + c["hits_exact"] == 3
+
+
+@pytest.mark.gemma
+def test_cold_then_warm_on_gemma(app, gemma_path):
+    mid = erllama.load_model(gemma_path, n_ctx=4096, n_seq_max=1, n_batch=512, isolation="none",
+                             chat_template="gemma")
+    from erllama.demo import PARAGRAPH
+
+    prompt = erllama.tokenize(mid, "Summarise the following notes.\n" + PARAGRAPH * 40)[:2000]
+    cold = erllama.complete(mid, prompt, max_tokens=24)
+    wait_saves(2)
+    warm = erllama.complete(mid, prompt, max_tokens=24)
+    assert warm.cache_hit == "exact" and warm.tokens == cold.tokens
+    print(f"gemma 2000 tokens: cold ttft {cold.stats.ttft_ms:.0f} ms, warm ttft {warm.stats.ttft_ms:.1f} ms")
+    assert warm.stats.ttft_ms < cold.stats.ttft_ms
