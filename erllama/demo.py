@@ -1,17 +1,13 @@
-"""``erllama demo``: load the default model, run a cold and a warm completion, print timings.
-
-The warm run restores the per-sequence KV state and the last-token logits saved after the
-cold prefill, the way the KV cache serves an exact hit, and must produce the same greedy
-text.
-"""
+"""``erllama demo``: the application on the default model, cold then warm, then a
+conversation resumed from the cache, with timings and cache counters."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 
-import numpy as np
-
-from erllama.backend.llama import greedy_generate, native
+import erllama
 from erllama.models import default_model_path
 
 PARAGRAPH = (
@@ -21,61 +17,61 @@ PARAGRAPH = (
 )
 
 
-def _prefill(ctx, seq: int, tokens: list[int], chunk: int) -> None:
-    for i in range(0, len(tokens), chunk):
-        part = tokens[i:i + chunk]
-        ctx.step([(seq, part, i + chunk >= len(tokens))])
-
-
-def run(prompt_tokens: int = 2048, max_tokens: int = 48, n_threads: int | None = None) -> dict:
-    """Run the demo and return its measurements (also printed)."""
-    path = default_model_path()
-    t0 = time.perf_counter()
-    model = native.Model.load(path)
-    load_ms = (time.perf_counter() - t0) * 1e3
-    print(f"model      {path} ({model.description}, {model.size / 1e6:.0f} MB) loaded in {load_ms:.0f} ms")
-    text = ""
-    while True:
-        text += PARAGRAPH
-        tokens = model.tokenize("Summarise the following notes.\n" + text)
-        if len(tokens) >= prompt_tokens:
-            tokens = tokens[:prompt_tokens]
-            break
-    per_seq = -(-(prompt_tokens + max_tokens + 16) // 256) * 256  # llama.cpp pads to 256
-    ctx = native.Context.create(model, n_ctx=2 * per_seq, n_batch=512,
-                                n_seq_max=2, n_threads=n_threads)
+def run(prompt_tokens: int = 2048, max_tokens: int = 48, n_threads: int | None = None,
+        cache_dir: str | None = None) -> dict:
+    """Run the demo (printing as it goes) and return its measurements."""
+    tmp = None if cache_dir else tempfile.mkdtemp(prefix="erllama-demo-")
+    root = cache_dir or tmp
     try:
-        sampler = native.Sampler(model)
-        t0 = time.perf_counter()
-        _prefill(ctx, 0, tokens, ctx.n_batch)
-        cold_prefill = time.perf_counter() - t0
-        state = ctx.state_get(0)
-        logits = ctx.logits(0)
-        t1 = time.perf_counter()
-        cold_out = greedy_generate(ctx, sampler, 0, max_tokens)
-        gen_s = time.perf_counter() - t1
-        print(f"cold       prefill {len(tokens)} tokens in {cold_prefill * 1e3:.0f} ms "
-              f"({len(tokens) / cold_prefill:.0f} t/s), generated {len(cold_out)} tokens at "
-              f"{len(cold_out) / gen_s:.1f} t/s")
-        print(f"saved      KV state {len(state) / 1e6:.1f} MB + logits {logits.nbytes / 1e6:.1f} MB")
+        with erllama.running(cache_dir=root, ram_file_dir=f"{root}/shm"):
+            path = default_model_path()
+            t0 = time.perf_counter()
+            mid = erllama.load_model(path, model_id="gemma", n_ctx=prompt_tokens + 2 * max_tokens + 1024,
+                                     n_batch=512, n_threads=n_threads, chat_template="gemma", isolation="none")
+            print(f"model      {path.name} loaded as {mid!r} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+            text = "Summarise the following notes.\n" + PARAGRAPH * (prompt_tokens // 40 + 1)
+            prompt = erllama.tokenize(mid, text)[:prompt_tokens]
 
-        warm_sampler = native.Sampler(model)
-        t0 = time.perf_counter()
-        restored = ctx.state_set(1, state)
-        first = warm_sampler.sample_logits(logits)
-        warm_ttft = time.perf_counter() - t0
-        ctx.step([(1, [first])])
-        warm_out = [first] + greedy_generate(ctx, warm_sampler, 1, max_tokens - 1)
-        same = warm_out == cold_out
-        print(f"warm       restored {restored} positions, first token in {warm_ttft * 1e3:.1f} ms "
-              f"({cold_prefill / warm_ttft:.0f}x faster than the cold prefill)")
-        print(f"identical  {same}")
-        print(f"text       {model.detokenize(cold_out)!r}")
-        sampler.free()
-        warm_sampler.free()
-        return {"prompt_tokens": len(tokens), "cold_prefill_ms": cold_prefill * 1e3,
-                "warm_ttft_ms": warm_ttft * 1e3, "gen_tps": len(cold_out) / gen_s, "identical": same,
-                "state_bytes": len(state), "logits_max": float(np.max(logits))}
+            cold = erllama.complete(mid, prompt, max_tokens=max_tokens)
+            _settle()
+            warm = erllama.complete(mid, prompt, max_tokens=max_tokens)
+            same = warm.tokens == cold.tokens
+            print(f"cold       {len(prompt)} prompt tokens: first token after {cold.stats.ttft_ms:.0f} ms, "
+                  f"{cold.stats.tokens_per_s:.1f} tokens/s ({cold.cache_hit})")
+            print(f"warm       first token after {warm.stats.ttft_ms:.1f} ms ({warm.cache_hit}, "
+                  f"{warm.cache_delta.read} tokens restored): "
+                  f"{cold.stats.ttft_ms / max(warm.stats.ttft_ms, 1e-3):.0f}x faster")
+            print(f"identical  {same}")
+            print(f"text       {cold.text[:160]!r}")
+
+            messages = [{"role": "user", "content": "Here are my notes: " + PARAGRAPH * 8 + " What is the tree for?"}]
+            first = erllama.complete(mid, _chat(mid, messages), max_tokens=32)
+            messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the cache?"}]
+            _settle()
+            second = erllama.complete(mid, _chat(mid, messages), max_tokens=32)
+            print(f"turn 1     {first.cache_hit}: first token after {first.stats.ttft_ms:.0f} ms")
+            print(f"turn 2     {second.cache_hit}: {second.cache_delta.read} of {second.stats.prompt_tokens} "
+                  f"prompt tokens restored, first token after {second.stats.ttft_ms:.0f} ms")
+            c = erllama.cache.counters()
+            print("counters   " + ", ".join(f"{k}={c[k]}" for k in (
+                "hits_exact", "hits_longest_prefix", "misses", "saves_cold", "saves_finish", "bytes_ram")))
+            return {"prompt_tokens": len(prompt), "cold_ttft_ms": cold.stats.ttft_ms,
+                    "warm_ttft_ms": warm.stats.ttft_ms, "identical": same, "turn2_hit": second.cache_hit,
+                    "turn2_read": second.cache_delta.read}
     finally:
-        ctx.free()
-        model.free()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chat(model_id: str, messages: list[dict[str, str]]) -> list[int]:
+    from erllama.backend.llama import native
+
+    return erllama.tokenize(model_id, native.apply_chat_template("gemma", messages), parse_special=True)
+
+
+def _settle() -> None:
+    """Let the asynchronous saves of the previous request land (the demo shows hits)."""
+    store = erllama.cache.current()
+    deadline = time.monotonic() + 5
+    while store.writer.busy and time.monotonic() < deadline:
+        time.sleep(0.005)
