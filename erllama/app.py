@@ -212,16 +212,14 @@ class Application:
     def submit(self, model_id: str, prompt: Any, params: dict[str, Any], sink: Any = None) -> Stream:
         rp = RequestParams(**params)
         ref = self.ref(model_id)
-        holder: dict[str, Stream] = {}
 
-        def deliver(event: Any) -> None:
+        def deliver(event: Any) -> None:  # runs in the model actor's thread
             if not isinstance(event, Token):
                 self.inflight.pop(req.id, None)
-            holder["s"]._push(event)
+            stream._push(event)
 
         req = Request(prompt if isinstance(prompt, str) else list(prompt), rp, deliver)
         stream = Stream(req.id, req.cancelled.set, sink)
-        holder["s"] = stream
         self.inflight[req.id] = req
         try:
             ref.tell(Submit(req))
