@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheDelta", "Completion", "Done", "Stats", "Token", "__version__", "cancel", "complete",
-    "detokenize", "errors", "infer", "list_models", "load_model", "model_info", "phase", "queue_depth",
+    "detokenize", "errors", "evict", "infer", "shutdown", "list_models", "load_model", "model_info", "phase", "queue_depth",
     "running", "start", "status", "stop", "tokenize", "unload", "whereis",
 ]
 
@@ -84,6 +84,16 @@ phase = status
 def queue_depth(model_id: str) -> int:
     """Requests waiting for a sequence."""
     return _app().info(model_id).pending_len
+
+
+def evict(model_id: str) -> int:
+    """Synchronously save every live sequence of the model (reason ``evict``)."""
+    return _app().ref(model_id).ask("evict", timeout=120)
+
+
+def shutdown(model_id: str) -> int:
+    """Synchronously save every live sequence of the model (reason ``shutdown``)."""
+    return _app().ref(model_id).ask("shutdown", timeout=120)
 
 
 def whereis(model_id: str) -> Any:

@@ -15,6 +15,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res["identical"] else 1
 
 
+def _model_path(name: str) -> str:
+    if name == "default":
+        from erllama.models import default_model_path
+
+        return str(default_model_path())
+    return name
+
+
+def _cmd_complete(args: argparse.Namespace) -> int:
+    import erllama
+
+    with erllama.running(**({"cache_dir": args.cache_dir} if args.cache_dir else {})):
+        mid = erllama.load_model(_model_path(args.model), n_ctx=args.n_ctx, isolation="none",
+                                 chat_template=args.chat_template)
+        for event in erllama.infer(mid, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                   seed=args.seed):
+            if isinstance(event, erllama.Token):
+                print(event.text, end="", flush=True)
+            else:
+                c = event.completion
+                print(f"\n[{c.finish_reason}; {c.stats.completion_tokens} tokens; cache {c.cache_hit}; "
+                      f"first token {c.stats.ttft_ms:.0f} ms; {c.stats.tokens_per_s:.1f} tokens/s]")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from erllama.cache.store import CacheStore
+    from erllama.config import AppConfig
+
+    cfg = AppConfig.build(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    store = CacheStore.start(cfg.cache_config())
+    try:
+        if args.action == "gc":
+            print(f"evicted {store.gc()} rows")
+        rows = list(store.index.rows.values())
+        for tier in ("ram", "ram_file", "disk"):
+            mine = [r for r in rows if r.tier == tier]
+            print(f"{tier:9} {len(mine):6} rows {sum(r.size for r in mine) / 1e6:10.1f} MB "
+                  f"(quota {store.index.quotas[tier] / 1e6:.0f} MB)")
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from erllama import demo
+
+    for n in args.prompt_tokens:
+        res = demo.run(prompt_tokens=n, max_tokens=16, n_threads=args.threads)
+        print(f"bench      {n} tokens: cold {res['cold_ttft_ms']:.0f} ms, warm {res['warm_ttft_ms']:.1f} ms, "
+              f"identical {res['identical']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erllama`` command."""
     parser = argparse.ArgumentParser(prog="erllama", description="llama.cpp with a token-exact KV-state cache")
@@ -27,9 +81,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="decode threads (default: all CPUs)")
     p.add_argument("--cache-dir", default=None, help="cache directory (default: a temporary one, removed after)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("complete", help="complete a prompt and stream the text")
+    p.add_argument("model", help="a GGUF path, or 'default' for Gemma 3 270M")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--chat-template", default=None, help="template name used when the GGUF has none")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_cmd_complete)
+    p = sub.add_parser("cache", help="rows and bytes per tier of the persistent cache; gc evicts unused rows")
+    p.add_argument("action", choices=["stats", "gc"])
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("bench", help="cold vs warm time to first token on the default model")
+    p.add_argument("--prompt-tokens", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return args.func(args)
+    from erllama import errors
+
+    try:
+        return args.func(args)
+    except (errors.ErllamaError, OSError, ModuleNotFoundError) as exc:
+        print(f"erllama: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -81,3 +81,18 @@ def test_cold_then_warm_on_gemma(app, gemma_path):
     assert warm.cache_hit == "exact" and warm.tokens == cold.tokens
     print(f"gemma 2000 tokens: cold ttft {cold.stats.ttft_ms:.0f} ms, warm ttft {warm.stats.ttft_ms:.1f} ms")
     assert warm.stats.ttft_ms < cold.stats.ttft_ms
+
+
+def test_evict_and_unload_save_live_sequences(app, tiny_path):
+    # the stub never ends a request by itself: it is surely running when we evict and unload
+    mid = erllama.load_model(tiny_path, backend="stub", n_ctx=1 << 22, n_seq_max=2, n_batch=256, isolation="none")
+    prompt = erllama.tokenize(mid, "a dog and a cat " * 3)
+    stream = erllama.infer(mid, prompt, max_tokens=100_000)
+    next(iter(stream))
+    assert erllama.evict(mid) == 1
+    assert erllama.cache.counters()["saves_evict"] == 1
+    erllama.unload(mid)  # the running request gets a shutdown save, then ModelCrashed
+    with pytest.raises(erllama.errors.ModelCrashed):
+        stream.result()
+    c = erllama.cache.counters()
+    assert c["saves_shutdown"] == 1

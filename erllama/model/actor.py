@@ -90,14 +90,42 @@ class ModelActor(supervision.Actor):
             return self.backend.tokenize(*message[1:])
         if isinstance(message, tuple) and message[:1] == ("detokenize",):
             return self.backend.detokenize(message[1])
+        if message in ("evict", "shutdown"):
+            return self.save_live(kvc.SaveReason.EVICT if message == "evict" else kvc.SaveReason.SHUTDOWN)
         if message == "crash":  # fault injection for supervision tests
             raise RuntimeError(f"model {self.model_id!r}: injected crash")
         logger.warning("model %s ignores an unexpected message %r", self.model_id, message)
         return None
 
     def on_stop(self) -> None:
-        """Fail what is left and free the backend."""
+        """Save every live sequence (``shutdown``), fail what is left, free the backend."""
+        self.save_live(kvc.SaveReason.SHUTDOWN)
         self._end(errors.ModelCrashed(f"model {self.model_id!r} was unloaded or stopped"))
+
+    def save_live(self, reason: kvc.SaveReason, timeout: float = 60.0) -> int:
+        """Synchronously save the context of every running request (``evict``/``shutdown``);
+        returns how many rows were written or already present."""
+        if self.cache is None:
+            return 0
+        futures = []
+        for req in list(self.running.values()):
+            if not req.context:
+                continue
+            try:
+                logits = self.backend.logits(req.seq)
+            except errors.ErllamaError:
+                logits = None
+            fut = self._save(req, reason, logits, wait=True)
+            if fut is not None:
+                futures.append(fut)
+        done = 0
+        for fut in futures:
+            try:
+                fut.result(timeout=timeout)
+                done += 1
+            except Exception as exc:
+                logger.warning("model %s: %s save failed: %s", self.model_id, reason.name.lower(), exc)
+        return done
 
     def on_failure(self, *exc_info: Any) -> None:
         """An unexpected failure: every request in flight or queued gets ``ModelCrashed``."""
@@ -199,8 +227,10 @@ class ModelActor(supervision.Actor):
         if logits is not None:
             self._sample(req, logits)
 
-    def _save(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None) -> bytes | None:
-        """Hand the sequence's state to the writer pool; returns the row's key."""
+    def _save(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
+              wait: bool = False) -> Any:
+        """Hand the sequence's state to the writer pool; returns the row's key (or, with
+        ``wait``, the save's future)."""
         km = self.key_meta
         tokens = list(req.context)
         try:
@@ -211,11 +241,11 @@ class ModelActor(supervision.Actor):
         meta = kvc.RowMeta(fingerprint=km.fingerprint, quant=km.quant, ctx_params_hash=km.ctx_params_hash,
                            namespace=km.namespace, tokens=tokens, save_reason=reason,
                            context_size=self.backend.n_ctx_seq)
-        fut = self.cache.save(meta, logits, kv, tier=self.tier)
+        fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
         if fut is None:
             return None
         req.cache_created = max(req.cache_created, len(tokens))
-        return cache_key(km, tokens)
+        return fut if wait else cache_key(km, tokens)
 
     # ---- the tick -------------------------------------------------------------------------------
 
