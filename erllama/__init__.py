@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from erllama import errors
-from erllama.types import CacheDelta, Completion, Done, Stats, Token
+from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheDelta", "Completion", "Done", "Stats", "Token", "__version__", "cancel", "complete",
-    "detokenize", "errors", "evict", "infer", "shutdown", "list_models", "load_model", "model_info", "phase", "queue_depth",
+    "CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token", "__version__", "cancel", "complete",
+    "detokenize", "errors", "evict", "infer", "prefill_only", "shutdown", "list_models", "load_model", "model_info", "phase", "queue_depth",
     "running", "start", "status", "stop", "tokenize", "unload", "whereis",
 ]
 
@@ -109,6 +109,14 @@ def infer(model_id: str, prompt: Any, *, sink: Any = None, **params: Any) -> Any
 def complete(model_id: str, prompt: Any, **params: Any) -> Completion:
     """Run a request to the end and return its ``Completion``."""
     return infer(model_id, prompt, **params).result()
+
+
+def prefill_only(model_id: str, prompt: Any, *, parent_key: bytes | None = None,
+                 session_id: str | None = None) -> Prefill:
+    """Prefill ``prompt`` into the cache without generating; returns its ``finish_key``."""
+    done = _app().submit(model_id, prompt, {"prefill_only": True, "parent_key": parent_key,
+                                            "session_id": session_id}, None).result()
+    return Prefill(done.context_tokens, done.finish_key, done.cache_hit, done.cache_delta)
 
 
 def cancel(request_id: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CacheDelta", "Completion", "Done", "Stats", "Token"]
+__all__ = ["CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,13 @@ class Done:
     """The last event of a stream."""
 
     completion: Completion
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The result of ``prefill_only``: the prompt is in the cache under ``finish_key``."""
+
+    context_tokens: int
+    finish_key: bytes | None
+    cache_hit: str
+    cache_delta: CacheDelta

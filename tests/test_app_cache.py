@@ -96,3 +96,17 @@ def test_evict_and_unload_save_live_sequences(app, tiny_path):
         stream.result()
     c = erllama.cache.counters()
     assert c["saves_shutdown"] == 1
+
+
+def test_prefill_only_then_complete_hits(app, tiny_path):
+    mid = erllama.load_model(tiny_path, n_ctx=1024, n_seq_max=1, n_batch=256, n_threads=1, isolation="none")
+    prompt = erllama.tokenize(mid, "a short prompt")  # under min_tokens: prefill_only saves anyway
+    pre = erllama.prefill_only(mid, prompt)
+    assert isinstance(pre, erllama.Prefill) and pre.cache_hit == "cold"
+    assert pre.context_tokens == len(prompt) and pre.finish_key is not None
+    again = erllama.prefill_only(mid, prompt)
+    assert again.cache_hit == "exact" and again.finish_key == pre.finish_key
+    longer = prompt + erllama.tokenize(mid, " and more", add_special=False)
+    done = erllama.complete(mid, longer, max_tokens=4, parent_key=pre.finish_key)
+    assert done.cache_hit == "partial" and done.cache_delta.read == len(prompt)
+    assert erllama.cache.counters()["hits_resume"] == 1

@@ -224,7 +224,10 @@ class ModelActor(supervision.Actor):
         req.cache_read = hit.n_tokens
         req.context = list(req.prompt[: hit.n_tokens])
         req.cursor = list(req.prompt[hit.n_tokens:])
-        if logits is not None:
+        if req.params.prefill_only and not req.cursor:
+            req.finish_key = hit.key
+            self._finish(req, "prefilled")
+        elif logits is not None:
             self._sample(req, logits)
 
     def _save(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
@@ -300,7 +303,25 @@ class ModelActor(supervision.Actor):
                 self._cold_saves(req)
                 if req.cursor:
                     continue  # the trimmed prefix was saved; prefill the rest
+            if req.params.prefill_only and not req.cursor:
+                self._prefilled(req)
+                continue
             self._sample(req)
+
+    def _prefilled(self, req: Request) -> None:
+        """``prefill_only``: the prompt is in the KV; make sure a row of it exists, finish."""
+        if self.cache is not None:
+            key = cache_key(self.key_meta, req.context)
+            if self.cache.index.lookup_exact(key) is None:
+                try:
+                    logits = self.backend.logits(req.seq)
+                except errors.ErllamaError:
+                    logits = None
+                fut = self._save(req, kvc.SaveReason.COLD, logits, wait=True)
+                key = key if fut is not None and not fut.exception(timeout=60) else None
+            req.finish_key = key
+        req.prefill_done = True
+        self._finish(req, "prefilled")
 
     def _cold_saves(self, req: Request) -> None:
         """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""

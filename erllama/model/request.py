@@ -35,6 +35,7 @@ class RequestParams:
     parent_key: bytes | None = None
     session_id: str | None = None
     timeout: float | None = None
+    prefill_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -78,6 +79,7 @@ class Request:
         self.cache_created = 0
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
+        self.prefill_done = False
 
     @property
     def phase(self) -> str:
