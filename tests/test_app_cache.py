@@ -110,3 +110,20 @@ def test_prefill_only_then_complete_hits(app, tiny_path):
     done = erllama.complete(mid, longer, max_tokens=4, parent_key=pre.finish_key)
     assert done.cache_hit == "partial" and done.cache_delta.read == len(prompt)
     assert erllama.cache.counters()["hits_resume"] == 1
+
+
+def test_long_generations_get_continued_saves(tmp_path, tiny_path):
+    policy = {"min_tokens": 16, "cold_min_tokens": 16, "continued_interval": 20}
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "s"), policy=policy):
+        erllama.cache.reset_counters()
+        mid = erllama.load_model(tiny_path, backend="stub", n_ctx=4096, n_seq_max=1, n_batch=256,
+                                 isolation="none")
+        prompt = erllama.tokenize(mid, "x" * 40)
+        done = erllama.complete(mid, prompt, max_tokens=70)
+        wait_saves(1)
+        # 41 prompt tokens, then a save every 20 decoded tokens: at 61, 81 and 101 positions
+        assert erllama.cache.counters()["saves_continued"] == 3
+        assert done.finish_reason == "length"
+        # a continued row is a prefix of the finished context: resuming from it hits
+        again = erllama.complete(mid, prompt + list(done.tokens[:30]), max_tokens=2)
+        assert again.cache_hit == "partial" and again.cache_delta.read >= 61

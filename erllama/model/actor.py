@@ -11,7 +11,7 @@ longest saved prefix (then prefills only the rest); a cold prompt is saved once 
 (the whole prompt, and the policy's trimmed prefix), a finished request saves its context.
 Saves go to the writer pool and never block decoding.
 
-Not yet here (issue 5): continued saves, sticky sessions, embeddings, adapters.
+Not yet here (issue 5): sticky sessions, embeddings, adapters.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from erllama import errors
 from erllama.backend.protocol import Backend
 from erllama.cache import kvc
 from erllama.cache.key import KeyMeta, cache_key
-from erllama.cache.policy import SavePolicy, cold_save_split, should_finish_save
+from erllama.cache.policy import SavePolicy, cold_save_split, should_continued_save, should_finish_save
 from erllama.model.request import Request
 from erllama.model.scheduler import SeqWork, plan_tick
 from erllama.types import Done, Token
@@ -295,8 +295,14 @@ class ModelActor(supervision.Actor):
             prefill_row = req.next_token is None
             if prefill_row:
                 del req.cursor[: len(toks)]
+                if not req.cursor:
+                    req.last_save_at = len(req.context)  # the prompt is saved (or deliberately not)
             else:
                 req.next_token = None
+                if self.cache is not None and should_continued_save(self.policy, len(req.context),
+                                                                    req.last_save_at):
+                    self._save(req, kvc.SaveReason.CONTINUED, None)
+                    req.last_save_at = len(req.context)
             if not want:
                 continue
             if self.cache is not None and prefill_row and not req.cursor and req.cache_hit == "cold":

@@ -80,6 +80,7 @@ class Request:
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
         self.prefill_done = False
+        self.last_save_at = 0
 
     @property
     def phase(self) -> str:
