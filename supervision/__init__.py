@@ -49,6 +49,7 @@ __all__ = [
     "NameTaken",
     "NameUnavailable",
     "Registry",
+    "Restart",
     "RestartIntensityExceeded",
     "RestartWindow",
     "Shutdown",

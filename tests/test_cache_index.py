@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from erllama import errors
 from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, RowStatus

@@ -9,7 +9,7 @@ import struct
 from array import array
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erllama import errors

@@ -326,7 +326,6 @@ class ModelActor(supervision.Actor):
                 fut = self._save(req, kvc.SaveReason.COLD, logits, wait=True)
                 key = key if fut is not None and not fut.exception(timeout=60) else None
             req.finish_key = key
-        req.prefill_done = True
         self._finish(req, "prefilled")
 
     def _cold_saves(self, req: Request) -> None:

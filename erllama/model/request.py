@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from erllama import errors
@@ -79,7 +79,6 @@ class Request:
         self.cache_created = 0
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
-        self.prefill_done = False
         self.last_save_at = 0
 
     @property
