@@ -26,12 +26,6 @@ from erllama.demo import PARAGRAPH
 from erllama.models import default_model_path
 
 
-def _settle(store) -> None:
-    deadline = time.monotonic() + 10
-    while store.writer.busy and time.monotonic() < deadline:
-        time.sleep(0.002)
-
-
 def _floor_ms(row, tier: str, store, sampler, logits: np.ndarray, reps: int = 5) -> float:
     size = row.size
     buf = bytearray(size)
@@ -74,7 +68,7 @@ def main() -> None:
                         # a prompt of its own per tier and length: no row of another run may match it
                         prompt = erllama.tokenize(mid, f"Run {tier} {n}. " + text)[:n]
                         cold = erllama.complete(mid, prompt, max_tokens=1)
-                        _settle(store)
+                        store.flush()
                         warm = erllama.complete(mid, prompt, max_tokens=1)
                         rows = [r for r in store.index.rows.values() if r.n_tokens == n and r.tier == tier]
                         row = rows[0] if rows else None

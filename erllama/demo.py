@@ -33,7 +33,7 @@ def run(prompt_tokens: int = 2048, max_tokens: int = 48, n_threads: int | None =
             prompt = erllama.tokenize(mid, text)[:prompt_tokens]
 
             cold = erllama.complete(mid, prompt, max_tokens=max_tokens)
-            _settle()
+            erllama.cache.current().flush()  # let the previous request's saves land
             warm = erllama.complete(mid, prompt, max_tokens=max_tokens)
             same = warm.tokens == cold.tokens
             print(f"cold       {len(prompt)} prompt tokens: first token after {cold.stats.ttft_ms:.0f} ms, "
@@ -47,7 +47,7 @@ def run(prompt_tokens: int = 2048, max_tokens: int = 48, n_threads: int | None =
             messages = [{"role": "user", "content": "Here are my notes: " + PARAGRAPH * 8 + " What is the tree for?"}]
             first = erllama.complete(mid, _chat(mid, messages), max_tokens=32)
             messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the cache?"}]
-            _settle()
+            erllama.cache.current().flush()  # let the previous request's saves land
             second = erllama.complete(mid, _chat(mid, messages), max_tokens=32)
             print(f"turn 1     {first.cache_hit}: first token after {first.stats.ttft_ms:.0f} ms")
             print(f"turn 2     {second.cache_hit}: {second.cache_delta.read} of {second.stats.prompt_tokens} "
@@ -68,10 +68,3 @@ def _chat(model_id: str, messages: list[dict[str, str]]) -> list[int]:
 
     return erllama.tokenize(model_id, native.apply_chat_template("gemma", messages), parse_special=True)
 
-
-def _settle() -> None:
-    """Let the asynchronous saves of the previous request land (the demo shows hits)."""
-    store = erllama.cache.current()
-    deadline = time.monotonic() + 5
-    while store.writer.busy and time.monotonic() < deadline:
-        time.sleep(0.005)

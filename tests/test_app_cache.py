@@ -3,7 +3,6 @@ conversations, counters; on the tiny model and on Gemma."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -20,13 +19,9 @@ def app(tmp_path):
 
 
 def wait_saves(n_rows, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        store = erllama.cache.current()
-        if len(store.index.rows) >= n_rows and store.writer.busy == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError("saves did not land")
+    store = erllama.cache.current()
+    assert store.flush(timeout), "saves did not land"
+    assert len(store.index.rows) >= n_rows
 
 
 def test_cold_then_warm_on_the_tiny_model(app, tiny_path):

@@ -191,7 +191,9 @@ def test_back_pressure_drops_saves(tmp_path, monkeypatch):
         assert first is not None
         assert s.save(row_meta([2]), None, payload(2)) is None
         assert counters.get("saves_dropped") == 1
+        assert not s.flush(timeout=0.05)  # the first save still holds the only slot
         gate.set()
+        assert s.flush(timeout=5) and s.writer.busy == 0
         assert first.result(timeout=5) == "saved"
     finally:
         s.close()

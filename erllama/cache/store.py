@@ -127,6 +127,10 @@ class CacheStore:
             cfg = CacheConfig(**{**cfg.__dict__, **overrides})
         return cls(cfg)
 
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every save handed to the writer pool has landed (or failed)."""
+        return self.writer.wait_idle(timeout)
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued saves, then stop the meta server."""
         self.writer.shutdown(wait=True)

@@ -27,7 +27,7 @@ class WriterPool:
         self.max_concurrent = max_concurrent
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="erllama-writer")
         self._slots = threading.BoundedSemaphore(max_concurrent)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._busy = 0
 
     @property
@@ -64,7 +64,13 @@ class WriterPool:
     def _release(self) -> None:
         with self._lock:
             self._busy -= 1
+            self._lock.notify_all()
         self._slots.release()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs or waits; ``False`` if ``timeout`` passed first."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._busy == 0, timeout)
 
     def shutdown(self, wait: bool = True) -> None:
         """Finish queued jobs (when ``wait``) and stop the threads."""

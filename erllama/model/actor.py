@@ -332,12 +332,9 @@ class ModelActor(supervision.Actor):
         """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""
         if len(req.context) < self.policy.min_tokens:
             return
-        logits = self.backend.logits(req.seq)
+        self._save(req, kvc.SaveReason.COLD, self.backend.logits(req.seq))
         if req.cold_rest is not None:
-            self._save(req, kvc.SaveReason.COLD, logits)
             req.cursor, req.cold_rest = req.cold_rest, None
-        else:
-            self._save(req, kvc.SaveReason.COLD, logits)
 
     def _sample(self, req: Request, logits: np.ndarray | None = None) -> None:
         if req.params.max_tokens == 0:
