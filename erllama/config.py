@@ -23,6 +23,7 @@ __all__ = ["AppConfig", "ModelConfig"]
 GiB = 1 << 30
 TIERS = ("ram", "ram_file", "disk")
 ISOLATION = ("none", "probe", "process")
+POOLING = ("unspecified", "none", "mean", "cls", "last")
 RESTART = ("temporary", "transient", "permanent")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 
@@ -135,6 +136,7 @@ class ModelConfig:
     backend: str = "llama"
     prefill_chunk: int | None = None
     namespace: bytes | None = None
+    pooling: str = "unspecified"
 
     def __post_init__(self) -> None:
         _int("n_ctx", self.n_ctx, 1, 1 << 24)
@@ -165,6 +167,7 @@ class ModelConfig:
             _int("prefill_chunk", self.prefill_chunk, 1, 1 << 20)
         if self.namespace is not None and (not isinstance(self.namespace, bytes) or not self.namespace):
             raise errors.ConfigError(f"namespace must be non-empty bytes or None, got {self.namespace!r}")
+        _choice("pooling", self.pooling, POOLING)
         if self.n_ubatch > self.n_batch:
             object.__setattr__(self, "n_ubatch", self.n_batch)
 

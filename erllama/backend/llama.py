@@ -38,6 +38,11 @@ class LlamaBackend:
         self.n_ctx_seq = self.ctx.n_ctx_seq
         self.n_seq_max = self.ctx.n_seq_max
         self.n_batch = self.ctx.n_batch
+        self.n_embd = self.model.n_embd
+        self._config = config
+        self._embed_ctx: native.Context | None = None
+        self._adapters: list[native.Adapter] = []
+        self._adapters_applied: list[tuple[native.Adapter, float]] = []
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids."""
@@ -103,6 +108,40 @@ class LlamaBackend:
         """Positions ``seq_id`` holds."""
         return self.ctx.n_past(seq_id)
 
+    def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
+        """Pooled embedding on a dedicated embeddings context (created on first use, one
+        sequence of the generation context's per-sequence size, whole input in one ubatch)."""
+        if self._embed_ctx is None:
+            cfg = self._config
+            n = self.n_ctx_seq
+            self._embed_ctx = native.Context.create(
+                self.model, n_ctx=n, n_batch=n, n_ubatch=n, n_seq_max=1, n_threads=cfg.n_threads,
+                embeddings=True, pooling=getattr(cfg, "pooling", "unspecified"), type_k=cfg.type_k,
+                type_v=cfg.type_v, flash_attn=cfg.flash_attn)
+            if self._adapters_applied:
+                self._embed_ctx.set_adapters(self._adapters_applied)
+        return self._embed_ctx.embed(tokens, 0, normalize)
+
+    def load_adapter(self, path: str) -> native.Adapter:
+        """Load a LoRA adapter file (not applied until :meth:`set_adapters`)."""
+        adapter = native.Adapter.load(self.model, path)
+        self._adapters.append(adapter)
+        return adapter
+
+    def set_adapters(self, adapters: Sequence[tuple[native.Adapter, float]]) -> None:
+        """Apply exactly these adapters, to the generation and the embeddings contexts."""
+        pairs = list(adapters)
+        self.ctx.set_adapters(pairs)
+        if self._embed_ctx is not None:
+            self._embed_ctx.set_adapters(pairs)
+        self._adapters_applied = pairs
+
+    def free_adapter(self, adapter: native.Adapter) -> None:
+        """Release an adapter (idempotent)."""
+        adapter.free()
+        if adapter in self._adapters:
+            self._adapters.remove(adapter)
+
     def request_abort(self) -> None:
         """Interrupt the running decode (any thread)."""
         self.ctx.request_abort()
@@ -112,6 +151,11 @@ class LlamaBackend:
         self.ctx.clear_abort()
 
     def close(self) -> None:
-        """Free the context and the model (idempotent)."""
+        """Free the contexts, the adapters and the model (idempotent)."""
+        if self._embed_ctx is not None:
+            self._embed_ctx.free()
         self.ctx.free()
+        for adapter in self._adapters:
+            adapter.free()
+        self._adapters.clear()
         self.model.free()

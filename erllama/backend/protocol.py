@@ -29,6 +29,7 @@ class Backend(Protocol):
     n_ctx_seq: int
     n_seq_max: int
     n_batch: int
+    n_embd: int
 
     # vocabulary and text
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -92,6 +93,24 @@ class Backend(Protocol):
 
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
+        ...
+
+    # embeddings and adapters
+    def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
+        """The pooled embedding of ``tokens`` (float32, ``(n_embd,)``), computed on a
+        dedicated embeddings context so the generation sequences are untouched."""
+        ...
+
+    def load_adapter(self, path: str) -> Any:
+        """Load a LoRA adapter file; returns an opaque handle (not yet applied)."""
+        ...
+
+    def set_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        """Apply exactly these ``(handle, scale)`` pairs to the context (empty: none)."""
+        ...
+
+    def free_adapter(self, adapter: Any) -> None:
+        """Release a loaded adapter (idempotent; detach it with ``set_adapters`` first)."""
         ...
 
     # cancel and lifetime

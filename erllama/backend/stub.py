@@ -47,6 +47,8 @@ class StubBackend:
         self.n_seq_max = config.n_seq_max
         self.n_ctx_seq = max(1, config.n_ctx // config.n_seq_max)
         self.n_batch = config.n_batch
+        self.n_embd = 16
+        self.adapters: list[tuple[Any, float]] = []
         self._seqs: list[list[int]] = [[] for _ in range(self.n_seq_max)]
         self._logits: dict[int, np.ndarray] = {}
         self._abort = False
@@ -200,6 +202,32 @@ class StubBackend:
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
         return len(self._seqs[self._seq(seq_id)])
+
+    def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
+        """A deterministic vector from the token ids (the generation sequences are untouched)."""
+        self._alive()
+        toks = self._tokens(tokens, "tokens")
+        if not toks:
+            raise errors.EmptyPrompt("cannot embed an empty token list")
+        out = np.zeros(self.n_embd, dtype=np.float32)
+        for i, t in enumerate(toks):
+            out[(t * 7 + i) % self.n_embd] += 1.0
+        if normalize:
+            out /= np.float32(np.linalg.norm(out))
+        return out
+
+    def load_adapter(self, path: str) -> Any:
+        """A handle naming ``path`` (the stub reads nothing)."""
+        self._alive()
+        return {"path": str(path)}
+
+    def set_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        """Remember the applied set (the stub's logits ignore it)."""
+        self._alive()
+        self.adapters = list(adapters)
+
+    def free_adapter(self, adapter: Any) -> None:
+        """Nothing to free."""
 
     def request_abort(self) -> None:
         """The next step raises ``Aborted``."""
