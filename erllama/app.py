@@ -12,7 +12,6 @@ in-process for now.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -27,6 +26,7 @@ import pykka
 import supervision
 from erllama import cache as cache_api
 from erllama import errors
+from erllama.backend.factory import open_backend
 from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
 from erllama.cache.store import CacheStore
 from erllama.config import AppConfig, ModelConfig
@@ -61,22 +61,6 @@ class ModelInfo:
     config: ModelConfig = field(repr=False)
 
 
-def _backend_class(name: str) -> Any:
-    if name == "llama":
-        from erllama.backend.llama import LlamaBackend
-
-        return LlamaBackend
-    if name == "stub":
-        from erllama.backend.stub import StubBackend
-
-        return StubBackend
-    module, _, cls = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        raise errors.ConfigError(f"backend {name!r} cannot be imported: {exc}") from None
-
-
 class Application:
     """The running tree. Use ``erllama.start()`` / ``erllama.stop()``."""
 
@@ -104,7 +88,7 @@ class Application:
             self.restarts[model_id] += 1
         else:
             self.restarts[model_id] = 0
-        backend = _backend_class(cfg.backend)(path, cfg)
+        backend = open_backend(path, cfg, cache_dir=self.config.cache_dir)
         try:
             km = KeyMeta(self._fingerprint(path, cfg), quant_byte(quant_from_ftype_name(backend.ftype_name)),
                          ctx_params_hash(**cfg.context_params()), cfg.namespace)
@@ -159,10 +143,6 @@ class Application:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(2, "model file not found", path)
-        if cfg.isolation == "process":
-            raise errors.NotSupported("isolation='process' is not implemented yet; use 'none' or 'probe'")
-        if cfg.isolation == "probe":
-            logger.warning("isolation='probe' is not implemented yet: %s loads in-process", path)
         with _lock:
             model_id = model_id or f"model-{next(_model_ids)}"
             if not isinstance(model_id, str) or not model_id:

@@ -1,0 +1,53 @@
+"""Open a model's backend the way its ``isolation`` mode says.
+
+``"none"`` builds the configured backend class in this process. ``"probe"`` first has a
+short-lived child process load the file (``backend.probe``) and raises ``MalformedGGUF``
+if the child dies, then loads in this process. ``"process"`` runs the backend in a worker
+process for its whole life (``backend.process``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from erllama import errors
+from erllama.backend.protocol import Backend
+
+__all__ = ["backend_class", "open_backend"]
+
+
+def backend_class(name: str) -> Any:
+    """The class a ``ModelConfig.backend`` name refers to."""
+    if name == "llama":
+        from erllama.backend.llama import LlamaBackend
+
+        return LlamaBackend
+    if name == "stub":
+        from erllama.backend.stub import StubBackend
+
+        return StubBackend
+    module, _, cls = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise errors.ConfigError(f"backend {name!r} cannot be imported: {exc}") from None
+
+
+def open_backend(path: str | os.PathLike[str], config: Any, *, cache_dir: str | None = None) -> Backend:
+    """A ready backend for ``path`` under ``config.isolation``; ``cache_dir`` keeps probe results."""
+    if config.isolation == "process":
+        try:
+            from erllama.backend.process import ProcessBackend
+        except ImportError:
+            raise errors.NotSupported("isolation='process' is not available in this build") from None
+        return ProcessBackend(path, config)
+    if config.isolation == "probe" and config.backend == "llama":
+        try:
+            from erllama.backend.probe import ensure_probed
+        except ImportError:
+            ensure_probed = None
+        if ensure_probed is not None:
+            ensure_probed(path, config, cache_dir=cache_dir)
+    return backend_class(config.backend)(path, config)
