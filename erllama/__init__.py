@@ -16,10 +16,20 @@ from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token", "__version__", "cancel", "complete",
-    "detokenize", "errors", "evict", "infer", "prefill_only", "shutdown", "list_models", "load_model", "model_info", "phase", "queue_depth",
-    "running", "start", "status", "stop", "tokenize", "unload", "whereis",
+    "AppConfig", "CacheDelta", "Completion", "Done", "ModelConfig", "Prefill", "Stats", "Token", "__version__",
+    "apply_chat_template", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict", "infer",
+    "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",
+    "phase", "prefill_only", "queue_depth", "running", "set_adapter_scale", "shutdown", "start", "status", "stop",
+    "tokenize", "unload", "unload_adapter", "whereis",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AppConfig", "ModelConfig"):
+        from erllama import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'erllama' has no attribute {name!r}")
 
 
 def _app() -> Any:
@@ -73,27 +83,48 @@ def model_info(model_id: str) -> Any:
     return _app().info(model_id)
 
 
+def _ask(model_id: str, message: Any, timeout: float = 60.0) -> Any:
+    return _app().ref(model_id).ask(message, timeout=timeout)
+
+
 def status(model_id: str) -> str:
-    """``idle``, ``prefilling`` or ``generating``."""
+    """``idle``, ``prefilling`` or ``generating`` (a lock-free read)."""
     return _app().info(model_id).phase
 
 
 phase = status
 
 
-def queue_depth(model_id: str) -> int:
-    """Requests waiting for a sequence."""
+def pending_len(model_id: str) -> int:
+    """Requests of the model waiting for a sequence (a lock-free read)."""
     return _app().info(model_id).pending_len
+
+
+def last_cache_hit(model_id: str) -> tuple[str, int] | None:
+    """``(kind, prefix_len)`` of the model's last admission, or None (a lock-free read)."""
+    return _app().info(model_id).last_cache_hit
+
+
+def queue_depth(model_id: str | None = None) -> int:
+    """Requests waiting for a sequence: of one model, or of all models."""
+    app = _app()
+    if model_id is not None:
+        return app.info(model_id).pending_len
+    return sum(app.info(m).pending_len for m in list(app.models))
 
 
 def evict(model_id: str) -> int:
     """Synchronously save every live sequence of the model (reason ``evict``)."""
-    return _app().ref(model_id).ask("evict", timeout=120)
+    from erllama.messages import Evict
+
+    return _ask(model_id, Evict(), timeout=120)
 
 
 def shutdown(model_id: str) -> int:
     """Synchronously save every live sequence of the model (reason ``shutdown``)."""
-    return _app().ref(model_id).ask("shutdown", timeout=120)
+    from erllama.messages import Shutdown
+
+    return _ask(model_id, Shutdown(), timeout=120)
 
 
 def whereis(model_id: str) -> Any:
@@ -126,9 +157,96 @@ def cancel(request_id: int) -> None:
 
 def tokenize(model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
     """Tokenize with the model's vocabulary."""
-    return _app().ref(model_id).ask(("tokenize", text, add_special, parse_special))
+    from erllama.messages import Tokenize
+
+    return _ask(model_id, Tokenize(text, add_special, parse_special))
 
 
 def detokenize(model_id: str, tokens: Any) -> str:
     """Render token ids as text."""
-    return _app().ref(model_id).ask(("detokenize", list(tokens)))
+    from erllama.messages import Detokenize
+
+    return _ask(model_id, Detokenize(list(tokens)))
+
+
+def apply_chat_template(model_id: str, messages: Any, *, system: str | None = None, tools: Any = None,
+                        add_assistant: bool = True) -> list[int]:
+    """Render chat ``messages`` (``{"role", "content"}`` dicts) with the model's template (or
+    its configured ``chat_template``) and tokenize the result, special tokens parsed and BOS
+    added once. ``system`` becomes a leading system message; ``tools`` (dicts with ``name``,
+    ``description``, ``schema``) are described to the model in that system message as JSON,
+    since llama.cpp's built-in templates have no tool slot."""
+    import json
+
+    from erllama.messages import ApplyChatTemplate
+
+    if not isinstance(messages, list | tuple):
+        raise errors.InvalidContent(f"messages must be a list of dicts, got {type(messages).__name__}")
+    msgs = list(messages)
+    preamble = []
+    if system is not None:
+        if not isinstance(system, str):
+            raise errors.InvalidContent(f"system must be a str, got {type(system).__name__}")
+        preamble.append(system)
+    if tools:
+        try:
+            preamble.append("You can call these tools (JSON):\n" + json.dumps(list(tools), sort_keys=True))
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidContent(f"tools must be JSON-serialisable dicts: {exc}") from None
+    if preamble:
+        msgs.insert(0, {"role": "system", "content": "\n\n".join(preamble)})
+    return _ask(model_id, ApplyChatTemplate(msgs, add_assistant))
+
+
+def embed(model_id: str, text_or_tokens: Any, *, normalize: bool = True) -> Any:
+    """The pooled embedding (``numpy.ndarray``, float32, ``(n_embd,)``), computed on the
+    model's dedicated embeddings context (created on first use)."""
+    from erllama.messages import Embed
+
+    value = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
+    return _ask(model_id, Embed(value, normalize))
+
+
+def load_adapter(model_id: str, path: Any) -> str:
+    """Load a LoRA adapter at scale 1.0; returns its handle. Requests admitted from now on
+    run with it (running requests finish under the old set first), and their cache rows
+    are keyed by the new effective fingerprint."""
+    import hashlib
+    import os
+
+    from erllama.messages import LoadAdapter
+
+    path = os.fspath(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # FileNotFoundError names the path
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return _ask(model_id, LoadAdapter(path, h.digest()), timeout=600)
+
+
+def unload_adapter(model_id: str, handle: str) -> None:
+    """Detach and free an adapter (an unknown handle is ignored)."""
+    from erllama.messages import UnloadAdapter
+
+    _ask(model_id, UnloadAdapter(handle))
+
+
+def set_adapter_scale(model_id: str, handle: str, scale: float) -> None:
+    """Change an adapter's scale (``errors.AdapterNotFound`` for an unknown handle)."""
+    from erllama.messages import SetAdapterScale
+
+    _ask(model_id, SetAdapterScale(handle, scale))
+
+
+def list_adapters(model_id: str) -> list[dict[str, Any]]:
+    """``[{"handle", "path", "scale"}]`` in application order."""
+    from erllama.messages import ListAdapters
+
+    return _ask(model_id, ListAdapters())
+
+
+def end_session(model_id: str, session_id: str) -> None:
+    """Release a sticky session's sequence (idempotent)."""
+    from erllama.messages import EndSession
+
+    _ask(model_id, EndSession(session_id))

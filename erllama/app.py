@@ -1,12 +1,11 @@
 """The application: the cache, the model supervisor, the registry and the in-flight table.
 
-``start`` builds the tree (cache first, then a ``SIMPLE_ONE_FOR_ONE`` supervisor of model
-actors); ``stop`` takes it down in reverse order. A model actor that fails unexpectedly is
-restarted under the same id (a new backend), within the configured intensity.
-
-Not yet here (issue 5): continued saves, sticky sessions, embeddings, adapters,
-``prefill_only``; the ``probe``/``process`` isolation modes (issue 6) run
-in-process for now.
+``start`` builds the tree: the cache first, then a ``SIMPLE_ONE_FOR_ONE`` supervisor whose
+children are one small supervisor per model, each supervising that model's actor. ``stop``
+takes it down in reverse order. A model actor that fails unexpectedly is restarted under
+the same id (a new backend) by its own supervisor; the restart intensity is counted per
+model, so a model that keeps crashing is marked ``failed`` (its requests raise
+``ModelCrashed`` saying so) and the other models are not touched.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from erllama.backend.factory import open_backend
 from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
 from erllama.cache.store import CacheStore
 from erllama.config import AppConfig, ModelConfig
-from erllama.model.actor import ModelActor, Submit
+from erllama.messages import LongestPrefix, Phase, QueueDepth, Submit
+from erllama.model.actor import ModelActor, Observed
 from erllama.model.request import Request, RequestParams
 from erllama.stream import Stream
 from erllama.types import Token
@@ -58,7 +59,13 @@ class ModelInfo:
     tier: str
     isolation: str
     restarts: int
-    config: ModelConfig = field(repr=False)
+    last_cache_hit: tuple[str, int] | None = None
+    quant: str | None = None
+    fingerprint: bytes | None = None
+    loaded_at: float = 0.0
+    last_failure: str | None = None
+    last_exit_signal: str | None = None
+    config: ModelConfig | None = field(default=None, repr=False)
 
 
 class Application:
@@ -67,11 +74,18 @@ class Application:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.cache = CacheStore.start(config.cache_config())
-        cache_api.attach(self.cache)
+        cache_api.attach(self.cache, self._longest_prefix)
         self.models: dict[str, tuple[str, ModelConfig]] = {}
         self.restarts: dict[str, int] = {}
+        self.observed: dict[str, Observed] = {}
+        self.loaded: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+        self.sups: dict[str, pykka.ActorRef[Any]] = {}
+        self.unloading: set[str] = set()
+        self.stopping = False
         self.inflight: dict[int, Request] = {}
-        spec = supervision.ChildSpec("model", self._start_model, restart=supervision.Restart.TRANSIENT)
+        spec = supervision.ChildSpec("model", self._start_model_sup, restart=supervision.Restart.TEMPORARY,
+                                     type=supervision.ChildType.SUPERVISOR, start_timeout=600)
         try:
             self.model_sup = supervision.start_supervisor(
                 supervision.SupFlags(supervision.Strategy.SIMPLE_ONE_FOR_ONE,
@@ -80,6 +94,39 @@ class Application:
             self.cache.close()
             cache_api.detach()
             raise
+
+    def _start_model_sup(self, model_id: str) -> pykka.ActorRef[Any]:
+        """The model's own supervisor: restarts its actor within the model's intensity,
+        and shuts down when the actor is not to be restarted."""
+        _, cfg = self.models[model_id]
+        restart = supervision.Restart(cfg.restart)
+        spec = supervision.ChildSpec(model_id, self._start_model, args=(model_id,), restart=restart,
+                                     significant=restart is not supervision.Restart.PERMANENT,
+                                     start_timeout=600)
+        flags = supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=self.config.model_intensity,
+                                     period=self.config.model_period,
+                                     auto_shutdown=supervision.AutoShutdown.ANY_SIGNIFICANT
+                                     if restart is not supervision.Restart.PERMANENT else
+                                     supervision.AutoShutdown.NEVER)
+        ref = supervision.start_supervisor(flags, [spec], timeout=600)
+        self.sups[model_id] = ref
+        supervision.monitor(ref, lambda down: self._model_sup_down(model_id, down))
+        return ref
+
+    def _model_sup_down(self, model_id: str, down: supervision.Down) -> None:
+        """The model's supervisor ended: an unload, or the model gave up restarting."""
+        with _lock:
+            if self.sups.get(model_id) is down.actor_ref:
+                del self.sups[model_id]
+            if self.stopping or model_id in self.unloading or model_id not in self.models:
+                return
+            obs = self.observed.get(model_id)
+            last = obs.last_failure if obs is not None else None
+            self.failed[model_id] = (
+                f"model {model_id!r} failed and is not restarted any more ({down.reason}; "
+                f"{self.restarts.get(model_id, 0)} restarts; last failure: {last}); unload and load it again")
+        logger.error("%s", self.failed[model_id])
+        supervision.registry.unregister(f"erllama.model.{model_id}")
 
     def _start_model(self, model_id: str) -> pykka.ActorRef[Any]:
         path, cfg = self.models[model_id]
@@ -90,15 +137,19 @@ class Application:
             self.restarts[model_id] = 0
         backend = open_backend(path, cfg, cache_dir=self.config.cache_dir)
         try:
-            km = KeyMeta(self._fingerprint(path, cfg), quant_byte(quant_from_ftype_name(backend.ftype_name)),
-                         ctx_params_hash(**cfg.context_params()), cfg.namespace)
+            quant = quant_from_ftype_name(backend.ftype_name)
+            km = KeyMeta(self._fingerprint(path, cfg), quant_byte(quant), ctx_params_hash(**cfg.context_params()),
+                         cfg.namespace)
             ref = ModelActor.start(model_id, backend, cfg.prefill_chunk, cache=self.cache, key_meta=km,
-                                   policy=cfg.policy or self.config.policy, tier=cfg.tier)
+                                   policy=cfg.policy or self.config.policy, tier=cfg.tier,
+                                   observed=self.observed[model_id])
         except BaseException:
             backend.close()
             raise
         # the registry entry follows restarts: lookups wait while the model reloads
         supervision.registry.register(name, ref, supervised=True)
+        self.loaded[model_id] = {"quant": quant, "fingerprint": km.fingerprint, "loaded_at": time.time(),
+                                 "pid": getattr(backend, "pid", None)}
         return ref
 
     def _fingerprint(self, path: str, cfg: ModelConfig) -> bytes:
@@ -130,6 +181,7 @@ class Application:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Models first, then the cache."""
+        self.stopping = True
         supervision.stop_supervisor(self.model_sup, timeout)
         for model_id in list(self.models):
             supervision.registry.unregister(f"erllama.model.{model_id}")
@@ -150,42 +202,74 @@ class Application:
             if model_id in self.models:
                 raise errors.AlreadyLoaded(f"a model is already loaded as {model_id!r}")
             self.models[model_id] = (path, cfg)
+            self.observed[model_id] = Observed()
+            self.failed.pop(model_id, None)
         try:
             supervision.start_child(self.model_sup, model_id, timeout=600)
         except supervision.StartError as exc:
             with _lock:
                 del self.models[model_id]
                 self.restarts.pop(model_id, None)
+                self.observed.pop(model_id, None)
             cause = exc.cause
+            while isinstance(cause, supervision.StartError):  # through the model's own supervisor
+                cause = cause.cause
             raise cause if isinstance(cause, BaseException) else errors.LoadFailed(str(cause)) from None
         return model_id
 
     def ref(self, model_id: str, timeout: float = 30.0) -> pykka.ActorRef[Any]:
+        """The live actor of ``model_id`` (waits while it restarts)."""
         if model_id not in self.models:
             raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
+        if model_id in self.failed:
+            raise errors.ModelCrashed(self.failed[model_id])
         try:
             return supervision.registry.whereis(f"erllama.model.{model_id}", timeout=timeout)
         except (supervision.NameNotFound, supervision.NameUnavailable) as exc:
+            if model_id in self.failed:
+                raise errors.ModelCrashed(self.failed[model_id]) from None
             raise errors.ModelCrashed(f"model {model_id!r} is not running: {exc}") from None
 
     def unload(self, model_id: str) -> None:
-        ref = self.ref(model_id)
-        supervision.terminate_child(self.model_sup, ref, timeout=60)
+        """Stop the model (live sequences get a shutdown save) and forget it."""
+        if model_id not in self.models:
+            raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
         with _lock:
-            self.models.pop(model_id, None)
-        supervision.registry.unregister(f"erllama.model.{model_id}")
+            self.unloading.add(model_id)
+            sup = self.sups.get(model_id)
+        try:
+            if sup is not None:
+                supervision.terminate_child(self.model_sup, sup, timeout=60)
+        finally:
+            with _lock:
+                self.models.pop(model_id, None)
+                for table in (self.observed, self.failed, self.loaded, self.restarts):
+                    table.pop(model_id, None)
+                self.unloading.discard(model_id)
+            supervision.registry.unregister(f"erllama.model.{model_id}")
 
     def info(self, model_id: str) -> ModelInfo:
+        """What ``model_info`` reports (no message to the actor: lock-free reads)."""
         path, cfg = self.models.get(model_id) or (None, None)
         if cfg is None:
             raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
-        try:
-            ref = self.ref(model_id, timeout=5)
-            phase, depth, status = ref.ask("phase", timeout=10), ref.ask("queue_depth", timeout=10), "loaded"
-        except errors.ModelCrashed:
-            phase, depth, status = "idle", 0, "restarting"
-        return ModelInfo(model_id, path, status, phase, depth, cfg.n_ctx, cfg.n_seq_max, cfg.tier, cfg.isolation,
-                         self.restarts.get(model_id, 0), cfg)
+        obs = self.observed.get(model_id) or Observed()
+        if model_id in self.failed:
+            status = "failed"
+        else:
+            try:
+                supervision.registry.whereis(f"erllama.model.{model_id}", timeout=0)
+                status = "loaded"
+            except (supervision.NameNotFound, supervision.NameUnavailable):
+                status = "restarting"
+        loaded = self.loaded.get(model_id, {})
+        return ModelInfo(model_id, path, status, obs.phase, obs.pending_len, cfg.n_ctx, cfg.n_seq_max, cfg.tier,
+                         cfg.isolation, self.restarts.get(model_id, 0), obs.last_cache_hit, loaded.get("quant"),
+                         loaded.get("fingerprint"), loaded.get("loaded_at", 0.0), obs.last_failure,
+                         obs.last_exit_signal, cfg)
+
+    def _longest_prefix(self, model_id: str, tokens: Any) -> int:
+        return self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60)
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ __all__ = [
     "MalformedGGUF",
     "ContextFailed",
     "ModelCrashed",
+    "WorkerDied",
     "ContextOverflow",
     "BatchOverflow",
     "InvalidToken",
@@ -28,6 +29,7 @@ __all__ = [
     "NotSupported",
     "Released",
     "SessionBusy",
+    "AdapterNotFound",
     "ConfigError",
     "InvalidParameter",
     "CacheError",
@@ -69,6 +71,20 @@ class ContextFailed(ErllamaError):
 
 class ModelCrashed(ErllamaError):
     """The model's actor or worker process died while the request was in flight."""
+
+
+class WorkerDied(ModelCrashed):
+    """The worker process of an ``isolation="process"`` model is gone (killed by a signal,
+    exited, or its channel broke). ``signal`` is the signal's name (``"SIGKILL"``) or None;
+    ``exitcode`` the exit status when it exited normally, else None."""
+
+    def __init__(self, message: str, *, signal: str | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
+        self.exitcode = exitcode
+
+    def __reduce__(self):  # keep the attributes through pickling (keyword-only arguments)
+        return (_worker_died, (self.args[0] if self.args else "", self.signal, self.exitcode))
 
 
 class ContextOverflow(ErllamaError, ValueError):
@@ -115,6 +131,10 @@ class SessionBusy(ErllamaError):
     """The sticky session is serving another request."""
 
 
+class AdapterNotFound(ErllamaError, LookupError):
+    """No adapter is loaded under this handle."""
+
+
 class ConfigError(ErllamaError, ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
@@ -145,3 +165,7 @@ class StateError(ErllamaError):
 
 class NativeError(ErllamaError):
     """llama.cpp raised a C++ exception the binding did not expect; the message names the call."""
+
+
+def _worker_died(message: str, signal: str | None, exitcode: int | None) -> WorkerDied:
+    return WorkerDied(message, signal=signal, exitcode=exitcode)

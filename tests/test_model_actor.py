@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from erllama import errors
+from erllama import errors, messages
 from erllama.backend.llama import LlamaBackend
 from erllama.backend.stub import StubBackend
 from erllama.config import ModelConfig
@@ -183,4 +183,4 @@ def test_a_failed_step_fails_its_requests_only(make_actor):
             outcomes.append("failed")
     assert "failed" in outcomes
     assert len(submit(actor, prompt_for(be, 3), max_tokens=5)[1].result().tokens) == 5
-    assert actor.ask("phase") == "idle" and actor.ask("queue_depth") == 0
+    assert actor.ask(messages.Phase()) == "idle" and actor.ask(messages.QueueDepth()) == 0

@@ -6,6 +6,7 @@ The module functions act on the store the application started (:func:`attach`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from erllama import errors
@@ -14,21 +15,32 @@ from erllama.cache.counters import counters as _counters
 if TYPE_CHECKING:
     from erllama.cache.store import CacheStore
 
-__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "reset_counters"]
+__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "longest_prefix", "reset_counters"]
 
 _store: CacheStore | None = None
+_prefix_of: Callable[[str, Sequence[int]], int] | None = None
 
 
-def attach(store: CacheStore) -> None:
-    """Make ``store`` the one these functions act on (the application does this)."""
-    global _store
-    _store = store
+def attach(store: CacheStore, prefix_of: Callable[[str, Sequence[int]], int] | None = None) -> None:
+    """Make ``store`` the one these functions act on (the application does this);
+    ``prefix_of(model_id, tokens)`` answers :func:`longest_prefix` for a model's key."""
+    global _store, _prefix_of
+    _store, _prefix_of = store, prefix_of
 
 
 def detach() -> None:
     """Forget the current store (at application stop)."""
-    global _store
-    _store = None
+    global _store, _prefix_of
+    _store, _prefix_of = None, None
+
+
+def longest_prefix(model_id: str, tokens: Sequence[int]) -> int:
+    """Length of the longest cached prefix of ``tokens`` under the model's current key
+    (model fingerprint, adapters, context shape, namespace); counts no hit."""
+    current()
+    if _prefix_of is None:
+        raise errors.CacheError("no application is attached to resolve model ids")
+    return _prefix_of(model_id, tokens)
 
 
 def current() -> CacheStore:

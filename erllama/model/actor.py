@@ -11,11 +11,20 @@ longest saved prefix (then prefills only the rest); a cold prompt is saved once 
 (the whole prompt, and the policy's trimmed prefix), a finished request saves its context.
 Saves go to the writer pool and never block decoding.
 
-Not yet here (issue 5): sticky sessions, embeddings, adapters.
+Sticky sessions: a request with a ``session_id`` keeps its sequence when it ends; the
+session's next request, when its prompt extends what that sequence holds, prefills only the
+new tokens (``cache_hit="sticky"``). Any other prompt drops the pin and takes the cache
+path. A session that idles while others wait for a sequence gives its sequence up (least
+recently used first): the finish save already holds its state.
+
+Adapters change only between requests (``model.adapters``); embeddings run on the backend's
+dedicated embeddings context. A ``ModelCrashed`` from the backend (its worker process died)
+fails the actor, so the supervisor starts a new backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -26,96 +35,197 @@ import numpy as np
 
 import supervision
 from erllama import errors
+from erllama import messages as msg
 from erllama.backend.protocol import Backend
 from erllama.cache import kvc
 from erllama.cache.key import KeyMeta, cache_key
 from erllama.cache.policy import SavePolicy, cold_save_split, should_continued_save, should_finish_save
+from erllama.messages import Submit
+from erllama.model.adapters import AdapterSet
 from erllama.model.request import Request
 from erllama.model.scheduler import SeqWork, plan_tick
 from erllama.types import Done, Token
 
-__all__ = ["ModelActor", "Submit"]
+__all__ = ["ModelActor", "Observed", "Submit"]
 
 logger = logging.getLogger("erllama.model")
-
-
-@dataclass(frozen=True)
-class Submit:
-    """Admit a request (its events go to ``request.sink``)."""
-
-    request: Request
 
 
 class _Tick:
     pass
 
 
+@dataclass
+class Observed:
+    """What the actor publishes for lock-free reads (plain attribute reads from any thread)."""
+
+    phase: str = "idle"
+    pending_len: int = 0
+    last_cache_hit: tuple[str, int] | None = None
+    last_failure: str | None = None
+    last_exit_signal: str | None = None
+
+
+@dataclass
+class _Session:
+    seq: int
+    tokens: list[int]
+    last_used: float
+
+
 class ModelActor(supervision.Actor):
     """Serves one backend: up to ``n_seq_max`` requests decoded together, the rest queued
-    in FIFO order."""
+    in FIFO order. The messages are those of ``erllama.messages``."""
 
     def __init__(self, model_id: str, backend: Backend, prefill_chunk: int | None = None, *,
                  cache: Any = None, key_meta: KeyMeta | None = None, policy: SavePolicy | None = None,
-                 tier: str = "ram") -> None:
+                 tier: str = "ram", observed: Observed | None = None) -> None:
         super().__init__()
         self.model_id = model_id
         self.backend = backend
         self.prefill_chunk = prefill_chunk
         self.cache = cache if key_meta is not None else None
         self.key_meta = key_meta
+        self.base_fingerprint = key_meta.fingerprint if key_meta is not None else None
         self.policy = policy or SavePolicy()
         self.tier = tier
+        self.observed = observed or Observed()
         self.free_seqs = deque(range(backend.n_seq_max))
         self.running: dict[int, Request] = {}
         self.pending: deque[Request] = deque()
+        self.sessions: dict[str, _Session] = {}
+        self.session_busy: dict[str, Request] = {}
+        self.ending_sessions: set[str] = set()
+        self.adapters = AdapterSet(backend)
         self._ticking = False
         self._tick_no = 0
+        self._queries = {
+            msg.Phase: lambda m: self.phase(),
+            msg.QueueDepth: lambda m: len(self.pending),
+            msg.LastCacheHit: lambda m: self.observed.last_cache_hit,
+            msg.Tokenize: lambda m: self.backend.tokenize(m.text, m.add_special, m.parse_special),
+            msg.Detokenize: lambda m: self.backend.detokenize(list(m.tokens)),
+            msg.ApplyChatTemplate: self._chat_tokens,
+            msg.Embed: self._embed,
+            msg.LoadAdapter: lambda m: self.adapters.load(m.path, m.sha256),
+            msg.UnloadAdapter: lambda m: self._adapter_change(self.adapters.unload, m.handle),
+            msg.SetAdapterScale: lambda m: self._adapter_change(self.adapters.set_scale, m.handle, m.scale),
+            msg.ListAdapters: lambda m: self.adapters.listing(),
+            msg.EndSession: lambda m: self.end_session(m.session_id),
+            msg.LongestPrefix: self._longest_prefix,
+            msg.Evict: lambda m: self.save_live(kvc.SaveReason.EVICT),
+            msg.Shutdown: lambda m: self.save_live(kvc.SaveReason.SHUTDOWN),
+        }
 
     # ---- messages --------------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        """``Submit`` requests, ticks, and the observability reads."""
+        """``Submit`` requests, ticks, and the queries of ``erllama.messages``."""
         if isinstance(message, _Tick):
             self._ticking = False
             self._tick()
+            self._publish()
             return None
         if isinstance(message, Submit):
             self._submit(message.request)
+            self._publish()
             return None
-        if message == "phase":
-            return self.phase()
-        if message == "queue_depth":
-            return len(self.pending)
-        if isinstance(message, tuple) and message[:1] == ("tokenize",):
-            return self.backend.tokenize(*message[1:])
-        if isinstance(message, tuple) and message[:1] == ("detokenize",):
-            return self.backend.detokenize(message[1])
-        if message in ("evict", "shutdown"):
-            return self.save_live(kvc.SaveReason.EVICT if message == "evict" else kvc.SaveReason.SHUTDOWN)
+        handler = self._queries.get(type(message))
+        if handler is not None:
+            return handler(message)
         if message == "crash":  # fault injection for supervision tests
             raise RuntimeError(f"model {self.model_id!r}: injected crash")
         logger.warning("model %s ignores an unexpected message %r", self.model_id, message)
         return None
+
+    def _publish(self) -> None:
+        obs = self.observed
+        obs.phase = self.phase()
+        obs.pending_len = len(self.pending)
 
     def on_stop(self) -> None:
         """Save every live sequence (``shutdown``), fail what is left, free the backend."""
         self.save_live(kvc.SaveReason.SHUTDOWN)
         self._end(errors.ModelCrashed(f"model {self.model_id!r} was unloaded or stopped"))
 
+    def _chat_tokens(self, m: msg.ApplyChatTemplate) -> list[int]:
+        text = self.backend.apply_chat_template(list(m.messages), None, m.add_assistant)
+        tokens = self.backend.tokenize(text, False, True)
+        bos = self.backend.tokenize("", True, False)  # [] or [BOS]: add it unless the template did
+        return tokens if tokens[: len(bos)] == bos else bos + tokens
+
+    def _embed(self, m: msg.Embed) -> Any:
+        tokens = self.backend.tokenize(m.input) if isinstance(m.input, str) else list(m.input)
+        return self.backend.embed(tokens, m.normalize)
+
+    def _longest_prefix(self, m: msg.LongestPrefix) -> int:
+        if self.cache is None:
+            return 0
+        return self.cache.longest_prefix(self.key_meta, list(m.tokens))
+
+    def _adapter_change(self, change: Any, *args: Any) -> None:
+        change(*args)
+        self._schedule()  # the barrier is taken in the tick
+
+    def _apply_adapters(self) -> None:
+        """The barrier: nothing runs; put the staged adapters on and re-key new requests."""
+        for sid in list(self.sessions):  # their KV was computed under the old adapters
+            self._drop_session(sid)
+        self.adapters.apply()
+        if self.key_meta is not None:
+            self.key_meta = dataclasses.replace(self.key_meta,
+                                                fingerprint=self.adapters.fingerprint(self.base_fingerprint))
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def end_session(self, session_id: str) -> None:
+        """Unpin a session's sequence; a busy session is unpinned when its request ends."""
+        if session_id in self.session_busy:
+            self.ending_sessions.add(session_id)
+        elif session_id in self.sessions:
+            self._drop_session(session_id)
+
+    def _drop_session(self, session_id: str) -> None:
+        sess = self.sessions.pop(session_id)
+        self.backend.seq_clear(sess.seq)
+        self.free_seqs.appendleft(sess.seq)
+
+    def _seq_for(self, req: Request) -> int:
+        """A sequence for ``req``: its session's, a free one, or the least recently used idle
+        session's (the caller checked that one of these exists)."""
+        sid = req.params.session_id
+        sess = self.sessions.get(sid) if sid is not None else None
+        if sess is not None:
+            n = len(sess.tokens)
+            if 0 < n < len(req.prompt) and req.prompt[:n] == sess.tokens:
+                del self.sessions[sid]
+                req.context = list(sess.tokens)
+                req.cursor = list(req.prompt[n:])
+                req.cache_hit, req.cache_read = "sticky", n
+                return sess.seq
+            self._drop_session(sid)  # diverged (or nothing new to prefill): the cache path
+        if not self.free_seqs:
+            self._drop_session(min(self.sessions, key=lambda s: self.sessions[s].last_used))
+        return self.free_seqs.popleft()
+
     def save_live(self, reason: kvc.SaveReason, timeout: float = 60.0) -> int:
-        """Synchronously save the context of every running request (``evict``/``shutdown``);
-        returns how many rows were written or already present."""
+        """Synchronously save the context of every running request and idle session
+        (``evict``/``shutdown``); returns how many rows were written or already present."""
         if self.cache is None:
             return 0
         futures = []
-        for req in list(self.running.values()):
-            if not req.context:
+        live = [(r.seq, r.context, r.key_meta) for r in self.running.values()]
+        live += [(s.seq, s.tokens, self.key_meta) for s in self.sessions.values()]
+        for seq, tokens, km in live:
+            if not tokens:
                 continue
             try:
-                logits = self.backend.logits(req.seq)
+                logits = self.backend.logits(seq)
+            except errors.ModelCrashed:
+                raise
             except errors.ErllamaError:
                 logits = None
-            fut = self._save(req, reason, logits, wait=True)
+            fut = self._save(seq, tokens, km, reason, logits, wait=True)
             if fut is not None:
                 futures.append(fut)
         done = 0
@@ -129,7 +239,12 @@ class ModelActor(supervision.Actor):
 
     def on_failure(self, *exc_info: Any) -> None:
         """An unexpected failure: every request in flight or queued gets ``ModelCrashed``."""
-        self._end(errors.ModelCrashed(f"model {self.model_id!r} crashed: {exc_info[1]!r}"))
+        exc = exc_info[1]
+        self.observed.last_failure = repr(exc)
+        self.observed.last_exit_signal = getattr(exc, "signal", None)
+        crash = exc if isinstance(exc, errors.ModelCrashed) else errors.ModelCrashed(
+            f"model {self.model_id!r} crashed: {exc!r}")
+        self._end(crash)
 
     def on_undelivered(self, message: Any) -> None:
         """A request submitted just before the actor died gets ``ModelCrashed``."""
@@ -140,7 +255,11 @@ class ModelActor(supervision.Actor):
         for req in list(self.running.values()) + list(self.pending):
             self._fail(req, exc)
         self.pending.clear()
-        self.backend.close()
+        self.sessions.clear()
+        try:
+            self.backend.close()
+        except errors.ErllamaError as close_exc:  # a dead worker: nothing left to free
+            logger.warning("model %s: backend close failed: %s", self.model_id, close_exc)
 
     def phase(self) -> str:
         """``idle``, ``prefilling`` or ``generating`` (the dominant phase of running requests)."""
@@ -156,6 +275,14 @@ class ModelActor(supervision.Actor):
             if isinstance(req.prompt, str):
                 req.prompt = self.backend.tokenize(req.prompt)
             self._validate(req)
+            sid = req.params.session_id
+            if sid is not None:
+                if sid in self.session_busy:
+                    raise errors.SessionBusy(
+                        f"session {sid!r} is serving request {self.session_busy[sid].id}; wait for it to end")
+                self.session_busy[sid] = req
+        except errors.ModelCrashed:
+            raise
         except errors.ErllamaError as exc:
             req.finished = True
             req.sink(exc)
@@ -175,29 +302,44 @@ class ModelActor(supervision.Actor):
                 f"the prompt holds {len(req.prompt)} tokens; a sequence holds {self.backend.n_ctx_seq}")
 
     def _admit(self) -> None:
-        while self.pending and self.free_seqs:
-            req = self.pending.popleft()
+        while self.pending:
+            req = self.pending[0]
             if req.cancelled.is_set():
+                self.pending.popleft()
                 self._finish(req, "cancelled")
                 continue
+            if self.adapters.dirty:
+                if self.running:
+                    return  # admissions wait until the running requests end (model.adapters)
+                self._apply_adapters()
+            if not (self.free_seqs or self.sessions):
+                return
+            self.pending.popleft()
             try:
-                req.sampler = self.backend.new_sampler(req.params.sampler())
+                sampler = self.backend.new_sampler(req.params.sampler())
+            except errors.ModelCrashed:
+                raise
             except errors.ErllamaError as exc:
                 self._fail(req, exc)
                 continue
-            req.seq = self.free_seqs.popleft()
+            seq = self._seq_for(req)
+            req.sampler, req.seq, req.key_meta = sampler, seq, self.key_meta
             req.t_admit = time.perf_counter()
-            self.backend.seq_clear(req.seq)
+            self.running[seq] = req
+            if req.cache_hit == "sticky":
+                self.observed.last_cache_hit = ("sticky", req.cache_read)
+                continue
+            self.backend.seq_clear(seq)
             req.cursor = list(req.prompt)
-            self.running[req.seq] = req
             if self.cache is not None:
                 self._warm(req)
+            self.observed.last_cache_hit = (req.cache_hit, req.cache_read)
 
     # ---- the cache ------------------------------------------------------------------------------
 
     def _warm(self, req: Request) -> None:
         """Restore the best saved row into the request's sequence, or arm the cold saves."""
-        hit = self.cache.lookup(self.key_meta, req.prompt, parent_key=req.params.parent_key)
+        hit = self.cache.lookup(req.key_meta, req.prompt, parent_key=req.params.parent_key)
         logits = None
         if hit is not None:
             with self.cache.restore(hit.key, holder=self.actor_ref) as row:
@@ -230,14 +372,15 @@ class ModelActor(supervision.Actor):
         elif logits is not None:
             self._sample(req, logits)
 
-    def _save(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
-              wait: bool = False) -> Any:
+    def _save(self, seq: int, tokens: list[int], km: KeyMeta, reason: kvc.SaveReason,
+              logits: np.ndarray | None, *, wait: bool = False) -> Any:
         """Hand the sequence's state to the writer pool; returns the row's key (or, with
-        ``wait``, the save's future)."""
-        km = self.key_meta
-        tokens = list(req.context)
+        ``wait``, the save's future), or None when nothing was saved."""
+        tokens = list(tokens)
         try:
-            kv = self.backend.state_get(req.seq)
+            kv = self.backend.state_get(seq)
+        except errors.ModelCrashed:
+            raise
         except errors.ErllamaError as exc:
             logger.warning("model %s: state_get failed, no %s save: %s", self.model_id, reason.name, exc)
             return None
@@ -247,8 +390,14 @@ class ModelActor(supervision.Actor):
         fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
         if fut is None:
             return None
-        req.cache_created = max(req.cache_created, len(tokens))
         return fut if wait else cache_key(km, tokens)
+
+    def _save_req(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
+                  wait: bool = False) -> Any:
+        out = self._save(req.seq, req.context, req.key_meta, reason, logits, wait=wait)
+        if out is not None:
+            req.cache_created = max(req.cache_created, len(req.context))
+        return out
 
     # ---- the tick -------------------------------------------------------------------------------
 
@@ -283,6 +432,8 @@ class ModelActor(supervision.Actor):
                 rows.append((seq, req.cursor[:n], n == len(req.cursor)))
         try:
             self.backend.step(rows)
+        except errors.ModelCrashed:
+            raise
         except errors.ErllamaError as exc:
             for seq, _ in plan:
                 self._fail(self.running[seq], exc)
@@ -301,7 +452,7 @@ class ModelActor(supervision.Actor):
                 req.next_token = None
                 if self.cache is not None and should_continued_save(self.policy, len(req.context),
                                                                     req.last_save_at):
-                    self._save(req, kvc.SaveReason.CONTINUED, None)
+                    self._save_req(req, kvc.SaveReason.CONTINUED, None)
                     req.last_save_at = len(req.context)
             if not want:
                 continue
@@ -317,13 +468,13 @@ class ModelActor(supervision.Actor):
     def _prefilled(self, req: Request) -> None:
         """``prefill_only``: the prompt is in the KV; make sure a row of it exists, finish."""
         if self.cache is not None:
-            key = cache_key(self.key_meta, req.context)
+            key = cache_key(req.key_meta, req.context)
             if self.cache.index.lookup_exact(key) is None:
                 try:
                     logits = self.backend.logits(req.seq)
-                except errors.ErllamaError:
+                except errors.NoLogits:
                     logits = None
-                fut = self._save(req, kvc.SaveReason.COLD, logits, wait=True)
+                fut = self._save_req(req, kvc.SaveReason.COLD, logits, wait=True)
                 key = key if fut is not None and not fut.exception(timeout=60) else None
             req.finish_key = key
         self._finish(req, "prefilled")
@@ -332,7 +483,7 @@ class ModelActor(supervision.Actor):
         """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""
         if len(req.context) < self.policy.min_tokens:
             return
-        self._save(req, kvc.SaveReason.COLD, self.backend.logits(req.seq))
+        self._save_req(req, kvc.SaveReason.COLD, self.backend.logits(req.seq))
         if req.cold_rest is not None:
             req.cursor, req.cold_rest = req.cold_rest, None
 
@@ -345,6 +496,8 @@ class ModelActor(supervision.Actor):
                 tok = self.backend.sample_logits(req.sampler, logits)
             else:
                 tok = self.backend.sample(req.sampler, req.seq)
+        except errors.ModelCrashed:
+            raise
         except errors.ErllamaError as exc:
             self._fail(req, exc)
             return
@@ -366,14 +519,26 @@ class ModelActor(supervision.Actor):
 
     # ---- endings --------------------------------------------------------------------------------
 
-    def _release(self, req: Request) -> None:
-        if req.seq is not None and self.running.get(req.seq) is req:
-            del self.running[req.seq]
-            self.backend.seq_clear(req.seq)
-            self.free_seqs.append(req.seq)
-        if req.sampler is not None:
-            self.backend.free_sampler(req.sampler)
-            req.sampler = None
+    def _release(self, req: Request, keep_session: bool) -> None:
+        """Free the request's sequence (or pin it to its session) and its sampler."""
+        sid = req.params.session_id
+        try:
+            if req.seq is not None and self.running.get(req.seq) is req:
+                del self.running[req.seq]
+                if keep_session and sid is not None and sid not in self.ending_sessions and req.context:
+                    self.sessions[sid] = _Session(req.seq, list(req.context), time.monotonic())
+                else:
+                    self.free_seqs.append(req.seq)
+                    self.backend.seq_clear(req.seq)
+            if req.sampler is not None:
+                sampler, req.sampler = req.sampler, None
+                self.backend.free_sampler(sampler)
+        except errors.ModelCrashed:
+            pass  # the backend is gone, and with it what there was to free
+        finally:
+            if sid is not None and self.session_busy.get(sid) is req:
+                del self.session_busy[sid]
+                self.ending_sessions.discard(sid)
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.finished:
@@ -385,8 +550,8 @@ class ModelActor(supervision.Actor):
                 logits = self.backend.logits(req.seq)
             except errors.NoLogits:
                 logits = None
-            req.finish_key = self._save(req, kvc.SaveReason.FINISH, logits)
-        self._release(req)
+            req.finish_key = self._save_req(req, kvc.SaveReason.FINISH, logits)
+        self._release(req, keep_session=True)
         tail = req.text.flush()
         if tail:
             req.parts.append(tail)
@@ -397,5 +562,5 @@ class ModelActor(supervision.Actor):
         if req.finished:
             return
         req.finished = True
-        self._release(req)
+        self._release(req, keep_session=False)
         req.sink(exc)

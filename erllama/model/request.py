@@ -43,6 +43,8 @@ class RequestParams:
         object.__setattr__(self, "stop", validate_stops(self.stop if self.stop else None))
         if self.parent_key is not None and (not isinstance(self.parent_key, bytes) or len(self.parent_key) != 32):
             raise errors.InvalidParameter(f"parent_key must be a 32-byte finish_key, got {self.parent_key!r}")
+        if self.session_id is not None and (not isinstance(self.session_id, str) or not self.session_id):
+            raise errors.InvalidParameter(f"session_id must be a non-empty str, got {self.session_id!r}")
         if self.timeout is not None and (not isinstance(self.timeout, int | float) or self.timeout <= 0):
             raise errors.InvalidParameter(f"timeout must be seconds > 0 or None, got {self.timeout!r}")
 
@@ -75,6 +77,7 @@ class Request:
         self.t_admit = 0.0
         self.t_first = 0.0
         self.cache_hit = "cold"
+        self.key_meta: Any = None  # the cache key's metadata, fixed at admission
         self.cache_read = 0
         self.cache_created = 0
         self.cold_rest: list[int] | None = None
