@@ -466,18 +466,31 @@ class ModelActor(supervision.Actor):
             self._sample(req)
 
     def _prefilled(self, req: Request) -> None:
-        """``prefill_only``: the prompt is in the KV; make sure a row of it exists, finish."""
-        if self.cache is not None:
-            key = cache_key(req.key_meta, req.context)
-            if self.cache.index.lookup_exact(key) is None:
-                try:
-                    logits = self.backend.logits(req.seq)
-                except errors.NoLogits:
-                    logits = None
-                fut = self._save_req(req, kvc.SaveReason.COLD, logits, wait=True)
-                key = key if fut is not None and not fut.exception(timeout=60) else None
+        """``prefill_only``: the prompt is in the KV; make sure a row of it exists, finish.
+        The sequence is freed once its state is copied; the caller gets its ``Done`` (with a
+        ``finish_key`` that is usable at once) when the row is published."""
+        if self.cache is None:
+            self._finish(req, "prefilled")
+            return
+        key = cache_key(req.key_meta, req.context)
+        if self.cache.index.lookup_exact(key) is not None:
             req.finish_key = key
-        self._finish(req, "prefilled")
+            self._finish(req, "prefilled")
+            return
+        try:
+            logits = self.backend.logits(req.seq)
+        except errors.NoLogits:
+            logits = None
+        fut = self._save_req(req, kvc.SaveReason.COLD, logits, wait=True)
+        if fut is None:
+            self._finish(req, "prefilled")
+            return
+
+        def published(f: Any) -> None:  # in a writer thread
+            req.finish_key = key if f.exception() is None else None
+            req.sink(Done(req.completion("prefilled")))
+
+        self._finish(req, "prefilled", done=lambda: fut.add_done_callback(published))
 
     def _cold_saves(self, req: Request) -> None:
         """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""
@@ -540,7 +553,9 @@ class ModelActor(supervision.Actor):
                 del self.session_busy[sid]
                 self.ending_sessions.discard(sid)
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: str, done: Any = None) -> None:
+        """End ``req``: finish save, release, flush held-back text, then ``Done`` (or
+        ``done()``, which delivers it later)."""
         if req.finished:
             return
         req.finished = True
@@ -556,7 +571,10 @@ class ModelActor(supervision.Actor):
         if tail:
             req.parts.append(tail)
             req.sink(Token(tail, -1))
-        req.sink(Done(req.completion(reason)))
+        if done is not None:
+            done()
+        else:
+            req.sink(Done(req.completion(reason)))
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if req.finished:
