@@ -76,6 +76,39 @@ def test_cold_then_warm_on_gemma(app, gemma_path):
     assert warm.cache_hit == "exact" and warm.tokens == cold.tokens
     print(f"gemma 2000 tokens: cold ttft {cold.stats.ttft_ms:.0f} ms, warm ttft {warm.stats.ttft_ms:.1f} ms")
     assert warm.stats.ttft_ms < cold.stats.ttft_ms
+    longer = prompt + erllama.tokenize(mid, "\nAnd one more line of notes.", add_special=False)
+    part = erllama.complete(mid, longer, max_tokens=8)
+    assert part.cache_hit == "partial" and part.cache_delta.read == len(prompt)
+    c = erllama.cache.counters()
+    assert (c["misses"], c["hits_exact"], c["hits_longest_prefix"], c["hits_resume"]) == (1, 1, 1, 0)
+
+
+@pytest.mark.gemma
+def test_a_gemma_conversation_hits_every_turn_after_the_first(app, gemma_path):
+    mid = erllama.load_model(gemma_path, n_ctx=4096, n_seq_max=1, n_batch=512, isolation="none",
+                             chat_template="gemma")
+    messages = [{"role": "user", "content": "You are a terse assistant. " * 12 + "Name a colour."}]
+    kinds = []
+    for turn in range(3):
+        prompt = erllama.apply_chat_template(mid, messages)
+        done = erllama.complete(mid, prompt, max_tokens=12)
+        kinds.append((done.cache_hit, done.cache_delta.read, len(prompt)))
+        messages += [{"role": "assistant", "content": done.text},
+                     {"role": "user", "content": f"And another one, number {turn + 2}?"}]
+        wait_saves(1)
+    assert kinds[0][0] == "cold"
+    assert all(kind in ("exact", "partial") and read > 0 for kind, read, _ in kinds[1:]), kinds
+    c = erllama.cache.counters()
+    assert c["misses"] == 1 and c["hits_exact"] + c["hits_longest_prefix"] == 2
+
+
+@pytest.mark.gemma
+def test_four_gemma_streams_equal_four_sequential_runs(app, gemma_path):
+    mid = erllama.load_model(gemma_path, n_ctx=4096, n_seq_max=4, n_batch=512, isolation="none")
+    prompts = [erllama.tokenize(mid, f"Write one sentence about the number {i}.") for i in range(4)]
+    sequential = [erllama.complete(mid, p, max_tokens=16).tokens for p in prompts]
+    streams = [erllama.infer(mid, p, max_tokens=16) for p in prompts]
+    assert [s.result().tokens for s in streams] == sequential
 
 
 def test_evict_and_unload_save_live_sequences(app, tiny_path):
