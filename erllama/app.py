@@ -65,6 +65,7 @@ class ModelInfo:
     loaded_at: float = 0.0
     last_failure: str | None = None
     last_exit_signal: str | None = None
+    worker_pid: int | None = None
     config: ModelConfig | None = field(default=None, repr=False)
 
 
@@ -266,7 +267,7 @@ class Application:
         return ModelInfo(model_id, path, status, obs.phase, obs.pending_len, cfg.n_ctx, cfg.n_seq_max, cfg.tier,
                          cfg.isolation, self.restarts.get(model_id, 0), obs.last_cache_hit, loaded.get("quant"),
                          loaded.get("fingerprint"), loaded.get("loaded_at", 0.0), obs.last_failure,
-                         obs.last_exit_signal, cfg)
+                         obs.last_exit_signal, loaded.get("pid"), cfg)
 
     def _longest_prefix(self, model_id: str, tokens: Any) -> int:
         return self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60)
