@@ -155,3 +155,21 @@ def test_long_generations_get_continued_saves(tmp_path, tiny_path):
         # a continued row is a prefix of the finished context: resuming from it hits
         again = erllama.complete(mid, prompt + list(done.tokens[:30]), max_tokens=2)
         assert again.cache_hit == "partial" and again.cache_delta.read >= 61
+
+
+def test_a_corrupt_row_is_a_counted_miss_and_never_served(app, tiny_path, tmp_path):
+    mid = erllama.load_model(tiny_path, n_ctx=1024, n_seq_max=1, n_batch=256, n_threads=1, isolation="none",
+                             tier="disk")
+    prompt = erllama.tokenize(mid, "rows on disk can rot " * 8)
+    cold = erllama.complete(mid, prompt, max_tokens=6)
+    wait_saves(2)
+    rows = [p for p in (tmp_path / "c" / "kv").rglob("*") if p.is_file()]
+    assert rows
+    for p in rows:  # flip a byte in the middle of every row's payload
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    again = erllama.complete(mid, prompt, max_tokens=6)
+    assert again.cache_hit == "cold" and again.tokens == cold.tokens
+    c = erllama.cache.counters()
+    assert (c["hits_exact"], c["misses"], c["restores_failed"]) == (0, 2, 1) and c["corrupt_files"] >= 1

@@ -10,8 +10,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "hits_exact", "hits_resume", "hits_longest_prefix", "misses",
     "saves_cold", "saves_continued", "saves_finish", "saves_evict", "saves_shutdown",
     "saves_dropped", "saves_failed", "duplicate_dropped",
-    "evictions", "demotions", "promotions", "corrupt_files",
-    "pack_total_ns", "load_total_ns", "longest_prefix_probes", "longest_prefix_ns",
+    "evictions", "demotions", "promotions", "corrupt_files", "restores_failed",
+    "pack_total_ns", "load_total_ns", "loads_crc_skipped", "longest_prefix_probes", "longest_prefix_ns",
     "bytes_ram", "bytes_ram_file", "bytes_disk",
 )
 

@@ -255,6 +255,13 @@ class CacheStore:
         self.stats.add("misses")
         return None
 
+    def restore_failed(self, hit: Hit) -> None:
+        """A hit whose row then did not restore: count it as the miss it turned into."""
+        kind = {"exact": "hits_exact", "resume": "hits_resume", "partial": "hits_longest_prefix"}[hit.kind]
+        self.stats.add(kind, -1)
+        self.stats.add("misses")
+        self.stats.add("restores_failed")
+
     def _prefix_stats(self, probes: int, t0: int) -> None:
         self.stats.add("longest_prefix_probes", probes)
         self.stats.add("longest_prefix_ns", time.perf_counter_ns() - t0)

@@ -354,6 +354,7 @@ class ModelActor(supervision.Actor):
                         logits = np.array(row.logits, dtype=np.float32)
             if restored != hit.n_tokens:
                 self.backend.seq_clear(req.seq)
+                self.cache.restore_failed(hit)
                 hit = None
         if hit is None:
             req.cache_hit = "cold"
