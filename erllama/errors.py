@@ -30,6 +30,7 @@ __all__ = [
     "Released",
     "SessionBusy",
     "AdapterNotFound",
+    "RequestTimeout",
     "ConfigError",
     "InvalidParameter",
     "CacheError",
@@ -133,6 +134,10 @@ class SessionBusy(ErllamaError):
 
 class AdapterNotFound(ErllamaError, LookupError):
     """No adapter is loaded under this handle."""
+
+
+class RequestTimeout(ErllamaError, TimeoutError):
+    """The request did not finish within its ``timeout`` (it was cancelled)."""
 
 
 class ConfigError(ErllamaError, ValueError):

@@ -286,3 +286,14 @@ def test_public_messages_drive_the_actor_directly(app, tiny_path):
     assert done.wait(10) and isinstance(got[-1], erllama.Done) and len(got[-1].completion.tokens) == 3
     assert ref.ask(messages.Phase()) == "idle" and ref.ask(messages.QueueDepth()) == 0
     assert ref.ask(messages.Detokenize(ref.ask(messages.Tokenize("hello", False)))) == "hello"
+
+
+def test_a_request_timeout_cancels_running_and_queued_requests(app, tiny_path):
+    mid = load(tiny_path, n_seq_max=1)
+    running = erllama.infer(mid, "runs too long", max_tokens=100_000, timeout=0.3)
+    queued = erllama.infer(mid, "waits too long", max_tokens=2, timeout=0.2)
+    with pytest.raises(errors.RequestTimeout, match="timeout=0.3"):
+        running.result()
+    with pytest.raises(errors.RequestTimeout, match="queued"):
+        queued.result()
+    assert len(erllama.complete(mid, "fine", max_tokens=2, timeout=30).tokens) == 2

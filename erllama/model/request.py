@@ -74,6 +74,7 @@ class Request:
         self.parts: list[str] = []
         self.finished = False
         self.t_submit = time.perf_counter()
+        self.deadline = self.t_submit + params.timeout if params.timeout is not None else float("inf")
         self.t_admit = 0.0
         self.t_first = 0.0
         self.cache_hit = "cold"
