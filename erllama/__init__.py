@@ -10,14 +10,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from erllama import errors
+from erllama import cache, errors
 from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AppConfig", "CacheDelta", "Completion", "Done", "ModelConfig", "Prefill", "Stats", "Token", "__version__",
-    "apply_chat_template", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict", "infer",
+    "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict", "infer",
     "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",
     "phase", "prefill_only", "queue_depth", "running", "set_adapter_scale", "shutdown", "start", "status", "stop",
     "tokenize", "unload", "unload_adapter", "whereis",
@@ -29,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from erllama import config
 
         return getattr(config, name)
+    if name == "messages":
+        import importlib
+
+        return importlib.import_module("erllama.messages")
     raise AttributeError(f"module 'erllama' has no attribute {name!r}")
 
 

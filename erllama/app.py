@@ -69,6 +69,30 @@ class ModelInfo:
     config: ModelConfig | None = field(default=None, repr=False)
 
 
+def _file_digest(path: str) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+_CHUNK = 64 << 20
+
+
+def _chunked_digest(path: str, size: int) -> bytes:
+    def one(offset: int) -> bytes:
+        with open(path, "rb") as f:  # hashlib releases the GIL on large buffers
+            f.seek(offset)
+            return hashlib.sha256(f.read(_CHUNK)).digest()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(one, range(0, max(size, 1), _CHUNK)))
+    return hashlib.sha256(b"gguf_chunked\0" + b"".join(parts)).digest()
+
+
 class Application:
     """The running tree. Use ``erllama.start()`` / ``erllama.stop()``."""
 
@@ -154,12 +178,16 @@ class Application:
         return ref
 
     def _fingerprint(self, path: str, cfg: ModelConfig) -> bytes:
-        """The model's cache fingerprint: configured bytes, or the SHA-256 of the file,
-        remembered per (path, size, mtime, inode) in the cache directory."""
+        """The model's cache fingerprint: configured bytes, or a digest of the file
+        (``"file"``: SHA-256 of the bytes; ``"gguf_chunked"``: SHA-256 over the SHA-256 of
+        each 64 MiB chunk, hashed on several threads), remembered per (mode, path, size,
+        mtime, inode) in the cache directory."""
         if isinstance(cfg.fingerprint, bytes):
             return cfg.fingerprint
         st = os.stat(path)
         ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if cfg.fingerprint != "file":
+            ident = f"{cfg.fingerprint}|{ident}"
         store = Path(self.config.cache_dir) / "fingerprints.json"
         with _lock:
             try:
@@ -168,17 +196,14 @@ class Application:
                 known = {}
             if ident in known:
                 return bytes.fromhex(known[ident])
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        digest = _chunked_digest(path, st.st_size) if cfg.fingerprint == "gguf_chunked" else _file_digest(path)
         with _lock:
-            known[ident] = h.hexdigest()
+            known[ident] = digest.hex()
             store.parent.mkdir(parents=True, exist_ok=True)
             tmp = store.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known))
             os.replace(tmp, store)
-        return h.digest()
+        return digest
 
     def stop(self, timeout: float = 30.0) -> None:
         """Models first, then the cache."""
@@ -194,6 +219,9 @@ class Application:
     def load_model(self, path: str | os.PathLike[str], model_id: str | None, options: dict[str, Any]) -> str:
         cfg = ModelConfig.build(**options)
         path = os.fspath(path)
+        if cfg.tier not in self.cache.tiers:
+            raise errors.ConfigError(f"tier {cfg.tier!r} has no quota in this application; "
+                                     f"configured tiers: {sorted(self.cache.tiers)}")
         if not os.path.exists(path):
             raise FileNotFoundError(2, "model file not found", path)
         with _lock:
@@ -275,7 +303,13 @@ class Application:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, model_id: str, prompt: Any, params: dict[str, Any], sink: Any = None) -> Stream:
-        rp = RequestParams(**params)
+        try:
+            rp = RequestParams(**params)
+        except TypeError:
+            known = set(RequestParams.__dataclass_fields__)
+            unknown = sorted(set(params) - known)
+            raise errors.InvalidParameter(
+                f"unknown request parameters {unknown}; known: {sorted(known)}") from None
         ref = self.ref(model_id)
 
         def deliver(event: Any) -> None:  # runs in the model actor's thread

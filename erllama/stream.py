@@ -28,6 +28,7 @@ class Stream:
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._sink = sink
         self._completion: Completion | None = None
+        self._error: BaseException | None = None
         self._ended = False
 
     def _push(self, event: Event) -> None:
@@ -42,11 +43,7 @@ class Stream:
         elif isinstance(sink, queue.Queue):
             sink.put(event)
         else:
-            try:
-                sink(event)
-            except Exception:
-                self._cancel()
-                raise
+            sink(event)  # a raising sink cancels its request (model.request.Request.sink)
 
     def cancel(self) -> None:
         """Stop the request (queued or running); the stream ends with ``finish_reason="cancelled"``."""
@@ -55,10 +52,13 @@ class Stream:
     def __iter__(self) -> Iterator[Token | Done]:
         if self._sink is not None:
             raise errors.InvalidParameter("this stream sends its events to a sink; it cannot be iterated")
+        if self._error is not None:
+            raise self._error
         while not self._ended:
             event = self._queue.get()
             if isinstance(event, BaseException):
                 self._ended = True
+                self._error = event
                 raise event
             if isinstance(event, Done):
                 self._ended = True

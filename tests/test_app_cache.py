@@ -33,6 +33,9 @@ def test_cold_then_warm_on_the_tiny_model(app, tiny_path):
     warm = erllama.complete(mid, prompt, max_tokens=12)
     assert warm.cache_hit == "exact" and warm.cache_delta.read == len(prompt)
     assert warm.tokens == cold.tokens and warm.text == cold.text
+    # SPEC 1.4: created counts the tokens this request added (its finish save)
+    assert cold.cache_delta.created == cold.context_tokens
+    assert warm.cache_delta.created == warm.context_tokens - len(prompt)
     longer = prompt + erllama.tokenize(mid, " hello world", add_special=False)
     part = erllama.complete(mid, longer, max_tokens=12)
     assert part.cache_hit == "partial" and part.cache_delta.read == len(prompt)

@@ -111,8 +111,8 @@ def test_cancel_queued_and_running(make_actor):
 
     rcol = CancelOnFirstToken()
     running = Request(prompt_for(be, 1), RequestParams(max_tokens=100_000), rcol)
-    queued, qcol = Request(prompt_for(be, 2), RequestParams(max_tokens=5), Collector()), None
-    qcol = queued.sink
+    qcol = Collector()
+    queued = Request(prompt_for(be, 2), RequestParams(max_tokens=5), qcol)
     holder.update(running=running, queued=queued)
     actor.tell(Submit(running))
     actor.tell(Submit(queued))

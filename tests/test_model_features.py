@@ -297,3 +297,40 @@ def test_a_request_timeout_cancels_running_and_queued_requests(app, tiny_path):
     with pytest.raises(errors.RequestTimeout, match="queued"):
         queued.result()
     assert len(erllama.complete(mid, "fine", max_tokens=2, timeout=30).tokens) == 2
+
+
+def test_a_raising_sink_cancels_its_request_not_the_model(app, tiny_path):
+    mid = load(tiny_path)
+    seen = []
+
+    def bad_sink(ev):
+        seen.append(ev)
+        raise RuntimeError("the consumer broke")
+
+    erllama.infer(mid, "hello", max_tokens=50, sink=bad_sink)
+    deadline = time.monotonic() + 10
+    while not any(isinstance(e, erllama.Done) for e in seen) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[-1].completion.finish_reason == "cancelled"
+    assert len(erllama.complete(mid, "still serving", max_tokens=2).tokens) == 2
+    assert erllama.model_info(mid).restarts == 0
+
+
+def test_request_and_load_options_are_checked(tmp_path, tiny_path):
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "s"), ram_quota=0):
+        with pytest.raises(errors.ConfigError, match="tier 'ram'"):
+            load(tiny_path)
+        mid = load(tiny_path, tier="disk")
+        with pytest.raises(errors.InvalidParameter, match="max_tokenz"):
+            erllama.complete(mid, "hi", max_tokenz=3)
+
+
+def test_fingerprint_modes(tmp_path, tiny_path):
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "s")) as a:
+        fp_file = a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="file"))
+        fp_chunk = a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="gguf_chunked"))
+        import hashlib
+
+        assert fp_file == hashlib.sha256(open(tiny_path, "rb").read()).digest()
+        assert fp_chunk != fp_file and len(fp_chunk) == 32
+        assert a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="gguf_chunked")) == fp_chunk

@@ -117,7 +117,7 @@ class LlamaBackend:
             self._embed_ctx = native.Context.create(
                 self.model, n_ctx=n, n_batch=n, n_ubatch=n, n_seq_max=1, n_threads=cfg.n_threads,
                 embeddings=True, pooling=getattr(cfg, "pooling", "unspecified"), type_k=cfg.type_k,
-                type_v=cfg.type_v, flash_attn=cfg.flash_attn)
+                type_v=cfg.type_v, flash_attn=cfg.flash_attn, swa_full=cfg.swa_full)
             if self._adapters_applied:
                 self._embed_ctx.set_adapters(self._adapters_applied)
         return self._embed_ctx.embed(tokens, 0, normalize)

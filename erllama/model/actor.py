@@ -378,6 +378,7 @@ class ModelActor(supervision.Actor):
         """Hand the sequence's state to the writer pool; returns the row's key (or, with
         ``wait``, the save's future), or None when nothing was saved."""
         tokens = list(tokens)
+        t0 = time.perf_counter_ns()
         try:
             kv = self.backend.state_get(seq)
         except errors.ModelCrashed:
@@ -385,10 +386,15 @@ class ModelActor(supervision.Actor):
         except errors.ErllamaError as exc:
             logger.warning("model %s: state_get failed, no %s save: %s", self.model_id, reason.name, exc)
             return None
+        self.cache.stats.add("pack_total_ns", time.perf_counter_ns() - t0)
         meta = kvc.RowMeta(fingerprint=km.fingerprint, quant=km.quant, ctx_params_hash=km.ctx_params_hash,
                            namespace=km.namespace, tokens=tokens, save_reason=reason,
                            context_size=self.backend.n_ctx_seq)
-        fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
+        try:
+            fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
+        except errors.ErllamaError as exc:
+            logger.warning("model %s: %s save refused: %s", self.model_id, reason.name.lower(), exc)
+            return None
         if fut is None:
             return None
         return fut if wait else cache_key(km, tokens)
@@ -396,8 +402,8 @@ class ModelActor(supervision.Actor):
     def _save_req(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
                   wait: bool = False) -> Any:
         out = self._save(req.seq, req.context, req.key_meta, reason, logits, wait=wait)
-        if out is not None:
-            req.cache_created = max(req.cache_created, len(req.context))
+        if out is not None:  # SPEC 1.4: tokens this request added to the cache
+            req.cache_created = max(req.cache_created, len(req.context) - req.cache_read)
         return out
 
     # ---- the tick -------------------------------------------------------------------------------

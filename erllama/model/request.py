@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from erllama.types import CacheDelta, Completion, Stats
 __all__ = ["Request", "RequestParams"]
 
 _ids = itertools.count(1)
+logger = logging.getLogger("erllama.model")
 SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "grammar")
 
 
@@ -61,7 +63,7 @@ class Request:
         self.id = next(_ids)
         self.prompt: Any = prompt  # a str is tokenized by the actor
         self.params = params
-        self.sink = sink
+        self._sink = sink
         self.cancelled = threading.Event()
         self.seq: int | None = None
         self.order = self.id
@@ -84,6 +86,14 @@ class Request:
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
         self.last_save_at = 0
+
+    def sink(self, event: Any) -> None:
+        """Deliver an event; a sink that raises cancels its own request, never the model."""
+        try:
+            self._sink(event)
+        except Exception:
+            logger.exception("the sink of request %s raised; the request is cancelled", self.id)
+            self.cancelled.set()
 
     @property
     def phase(self) -> str:
