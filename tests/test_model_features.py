@@ -334,3 +334,22 @@ def test_fingerprint_modes(tmp_path, tiny_path):
         assert fp_file == hashlib.sha256(open(tiny_path, "rb").read()).digest()
         assert fp_chunk != fp_file and len(fp_chunk) == 32
         assert a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="gguf_chunked")) == fp_chunk
+
+
+def test_a_worker_that_died_while_idle_fails_one_request_then_restarts(app, tiny_path):
+    import os
+    import signal
+
+    import psutil
+
+    mid = load(tiny_path, isolation="process")
+    ok = erllama.complete(mid, "hello", max_tokens=3)
+    pid = erllama.model_info(mid).worker_pid
+    assert pid and psutil.Process(pid).is_running()
+    os.kill(pid, signal.SIGKILL)  # not reaped here: the backend must read the real status
+    time.sleep(0.2)
+    with pytest.raises(errors.ModelCrashed):  # the request that finds the worker dead (never hangs)
+        erllama.infer(mid, "hello", max_tokens=3).result()
+    assert erllama.complete(mid, "hello", max_tokens=3).tokens == ok.tokens
+    info = erllama.model_info(mid)
+    assert info.restarts == 1 and info.last_exit_signal == "SIGKILL" and info.worker_pid != pid

@@ -281,7 +281,8 @@ class ModelActor(supervision.Actor):
                     raise errors.SessionBusy(
                         f"session {sid!r} is serving request {self.session_busy[sid].id}; wait for it to end")
                 self.session_busy[sid] = req
-        except errors.ModelCrashed:
+        except errors.ModelCrashed as exc:
+            self._fail(req, exc)  # not queued yet: on_failure would not see it
             raise
         except errors.ErllamaError as exc:
             req.finished = True
@@ -314,15 +315,16 @@ class ModelActor(supervision.Actor):
                 self._apply_adapters()
             if not (self.free_seqs or self.sessions):
                 return
-            self.pending.popleft()
-            try:
+            try:  # still queued while the backend is asked: a crash here fails it from pending
                 sampler = self.backend.new_sampler(req.params.sampler())
             except errors.ModelCrashed:
                 raise
             except errors.ErllamaError as exc:
+                self.pending.popleft()
                 self._fail(req, exc)
                 continue
             seq = self._seq_for(req)
+            self.pending.popleft()
             req.sampler, req.seq, req.key_meta = sampler, seq, self.key_meta
             req.t_admit = time.perf_counter()
             self.running[seq] = req
