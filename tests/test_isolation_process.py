@@ -8,6 +8,8 @@ by workers, never by this process.
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import queue
 import signal
@@ -129,15 +131,35 @@ def test_a_stub_worker_answers_like_the_stub_and_raises_the_same_errors():
         remote.n_past(0)
 
 
-def test_large_payloads_cross_through_the_growing_shared_buffer():
-    cfg = stub_config(n_ctx=1 << 21, n_seq_max=1, n_batch=1 << 20)
+def state_fds(pid: int) -> int:
+    """Saved-state memfds a worker holds open (distinct files: a map holds a second descriptor)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return len({fd.stat().st_ino for fd in fds.iterdir() if "erllama-state" in os.readlink(fd)})
+
+
+def test_large_states_are_shared_read_only_and_restored_by_id():
+    cfg = stub_config(n_ctx=1 << 21, n_seq_max=2, n_batch=1 << 20)
     remote = ProcessBackend("stub", cfg)
     try:
-        toks = list(np.random.default_rng(0).integers(3, 259, 600_000))  # a 2.4 MB state, over the 1 MiB buffer
+        toks = [int(t) for t in np.random.default_rng(0).integers(3, 259, 600_000)]  # a 2.4 MB state
         remote.step([(0, toks, True)])
         blob = remote.state_get(0)
-        assert len(blob) == 8 + 4 * len(toks)
-        assert remote.state_set(0, memoryview(blob)) == len(toks)
+        assert isinstance(blob, mmap.mmap) and len(blob) == 8 + 4 * len(toks)
+        assert blob[:4] == b"STUB"
+        with pytest.raises(TypeError):
+            blob[0] = 0  # the host's map is read-only
+        assert memoryview(blob).readonly
+        assert remote.state_set(1, memoryview(blob)) == len(toks)  # by id: nothing copied
+        assert remote.state_set(1, memoryview(blob)[:]) == len(toks)
+        assert remote.state_set(1, bytes(blob)) == len(toks)  # any other buffer: copied through the shared
+        # buffer, which grows past its first 1 MiB
+        assert remote.n_past(1) == len(toks)
+        assert remote.state_get(1) is not blob
+        kept = [remote.state_get(0) for _ in range(3)]
+        assert state_fds(remote.pid) >= 4
+        del blob, kept
+        gc.collect()
+        assert wait_until(lambda: state_fds(remote.pid) <= 2, 5)  # forgotten: unmapped, two memfds kept for reuse
         s = remote.new_sampler({})
         logits = np.zeros(259, np.float32)
         logits[42] = 1

@@ -11,20 +11,27 @@ Costs are kept off the per-token path: KV states and logits travel through a sha
 (the frame carries only their length), the first sample of a token also brings its piece
 and end-of-generation flag (both pure functions of the token, cached here), and aborts go
 on a second channel so they never interleave with a call in flight.
+
+A saved state of ``wire.BLOB_MIN`` bytes or more comes back as a read-only ``mmap`` of a
+memfd the worker wrote and keeps mapped: the cache keeps that object as is, and restoring
+it into the same worker sends only its id, so an exact hit from the RAM tier copies
+nothing in the host. When the host drops such a state (its ``mmap`` is collected), the
+worker is told on the control channel and reuses or frees the memfd.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +47,6 @@ __all__ = ["ProcessBackend", "RemoteHandle"]
 
 logger = logging.getLogger("erllama.backend.process")
 
-_GEN = struct.Struct("<Q")
 _TAIL_LINES = 40
 _ROOT = str(Path(erllama.__file__).resolve().parents[1])
 
@@ -61,6 +67,10 @@ def _signal_name(returncode: int | None) -> str | None:
         return signal.Signals(-returncode).name
     except ValueError:
         return f"signal {-returncode}"
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
 
 
 def _telling_line(lines: Sequence[str]) -> str | None:
@@ -100,10 +110,13 @@ class ProcessBackend:
         self._eog: dict[int, bool] = {}
         self._piece: dict[int, bytes] = {}
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._states: dict[int, tuple[weakref.ref[mmap.mmap], int, int]] = {}  # id(map) -> (ref, state id, base)
+        self._forget: collections.deque[int] = collections.deque()
         blob = pickle.dumps(config)  # before any resource: an unpicklable config fails cleanly
         self._shm = wire.SharedBuffer.create(f"erllama:{os.path.basename(self.path)}")
         self._chan, chan_child = socket.socketpair()
         self._ctl, ctl_child = socket.socketpair()
+        self._reader = wire.FrameReader(self._chan, fds=True)
         err_r, err_w = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -126,7 +139,6 @@ class ProcessBackend:
         self._drain = threading.Thread(target=self._read_stderr, args=(err_r,), daemon=True,
                                        name=f"erllama-worker-{self.pid}-stderr")
         self._drain.start()
-        self._reader = wire.FrameReader(self._chan)
         try:
             self._open(blob)
         except BaseException:
@@ -165,6 +177,11 @@ class ProcessBackend:
         for s in (self._chan, self._ctl):
             s.close()
         self._shm.close()
+        self._close_received()
+
+    def _close_received(self) -> None:
+        while self._reader.fds:
+            os.close(self._reader.fds.pop())
 
     def _reap(self, timeout: float = 5.0) -> None:
         """The channel broke: make sure the worker is gone, reap it, record how it ended."""
@@ -243,6 +260,9 @@ class ProcessBackend:
         with self._lock:
             if self._gone is not None:
                 raise self._error()
+            self._close_received()  # descriptors nobody took belong to an earlier reply
+            if self._forget:
+                self._flush_forget()
             try:
                 self._chan.sendall(frame)
                 reply = self._reader.read()
@@ -351,22 +371,74 @@ class ProcessBackend:
         if self._gone is None:
             self._call("free_sampler", self._id(sampler, "sampler"))
 
-    def state_get(self, seq_id: int) -> bytes:
-        """The KV state of ``seq_id`` (through the shared memory)."""
+    def state_get(self, seq_id: int) -> bytes | mmap.mmap:
+        """The KV state of ``seq_id``: ``bytes`` copied out of the shared memory, or, from
+        ``wire.BLOB_MIN`` bytes on, a read-only ``mmap`` of the memfd the worker wrote it into."""
         with self._lock:
-            n = self._call("state_get", seq_id)
-            self._shm.ensure(n)
-            return self._shm.map[:n]
+            reply = self._call("state_get", seq_id)
+            if type(reply) is int:
+                self._shm.ensure(reply)
+                return self._shm.map[:reply]
+            ident, n = reply
+            if not self._reader.fds:
+                raise errors.StateError(f"the worker sent saved state {ident} of seq {seq_id} without its memory")
+            fd = self._reader.fds.pop(0)
+            try:
+                state = mmap.mmap(fd, n, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            with memoryview(state) as view:
+                base = _address(view)
+            self._states[id(state)] = (weakref.ref(state), ident, base)
+            weakref.finalize(state, self._dropped, id(state), ident)
+            return state
+
+    def _dropped(self, key: int, ident: int) -> None:
+        """Finalizer of a saved state (runs in any thread, possibly inside a call of this
+        one: it never waits for a lock). The worker unmaps it once told."""
+        self._states.pop(key, None)
+        self._forget.append(ident)
+        if self._ctl_lock.acquire(blocking=False):
+            try:
+                self._send_forget()
+            finally:
+                self._ctl_lock.release()
+
+    def _flush_forget(self) -> None:
+        with self._ctl_lock:
+            self._send_forget()
+
+    def _send_forget(self) -> None:
+        records = []
+        while self._forget:
+            records.append(wire.CONTROL.pack(b"F", self._forget.popleft()))
+        if records and self._gone is None:
+            try:
+                self._ctl.sendall(b"".join(records))
+            except OSError:
+                pass  # the worker is gone, and its maps with it
+
+    def _saved(self, view: memoryview) -> tuple[int, int] | None:
+        """``(state id, offset)`` when ``view`` lies in a saved state this worker holds."""
+        entry = self._states.get(id(view.obj))
+        if entry is None or entry[0]() is not view.obj or not view.c_contiguous or not view.nbytes:
+            return None
+        return entry[1], _address(view.cast("B")) - entry[2]
 
     def state_set(self, seq_id: int, data: Any) -> int:
-        """Restore a state into ``seq_id`` (through the shared memory); the positions restored."""
-        with self._lock:
+        """Restore a state into ``seq_id``; the positions restored. A state this worker
+        saved is named by its id; anything else is copied through the shared memory."""
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise errors.StateError(f"state data must be a bytes-like object, got {type(data).__name__}") from None
+        with view, self._lock:
+            saved = self._saved(view)
+            if saved is not None:
+                return self._call("state_set_saved", seq_id, saved[0], saved[1], view.nbytes)
             if self._gone is not None:
                 raise self._error()
-            try:
-                n = self._shm.write(data)
-            except TypeError:
-                raise errors.StateError(f"state data must be a bytes-like object, got {type(data).__name__}") from None
+            n = self._shm.write(view)
             return self._call("state_set", seq_id, n)
 
     def seq_clear(self, seq_id: int) -> None:
@@ -403,7 +475,7 @@ class ProcessBackend:
                 return
             self._abort_gen += 1
             try:
-                self._ctl.sendall(_GEN.pack(self._abort_gen))
+                self._ctl.sendall(wire.CONTROL.pack(b"A", self._abort_gen))
             except OSError:
                 pass  # the worker is gone; the call channel reports it
 

@@ -4,10 +4,12 @@ A frame is a 4-byte little-endian length and a msgpack body. A request is ``[op,
 reply is ``[0, result]`` or ``[1, class name, message, module]``. Payloads too big for a
 frame (KV states, logits) travel through one memfd both processes map; the frame carries
 only their length (the payload always starts at offset 0: calls are strictly one at a time).
+A reply may carry file descriptors (``SCM_RIGHTS``): the memfds of saved states.
 """
 
 from __future__ import annotations
 
+import array
 import builtins
 import mmap
 import os
@@ -20,10 +22,17 @@ import numpy as np
 
 from erllama import errors
 
-__all__ = ["FrameReader", "SharedBuffer", "decode_error", "encode_error", "pack", "send"]
+__all__ = ["BLOB_MIN", "CONTROL", "FrameReader", "SharedBuffer", "decode_error", "encode_error", "pack", "send"]
 
 _HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30  # a corrupt length would otherwise make the reader wait for ever
+
+BLOB_MIN = 1 << 20
+"""States at least this large travel as a memfd of their own that both processes map
+read-only, so that a restore from the RAM tier copies nothing in the host."""
+
+CONTROL = struct.Struct("<cQ")
+"""A control-channel record: ``b"A"`` + abort generation, or ``b"F"`` + a state id the host forgot."""
 
 
 def _default(obj: Any) -> Any:
@@ -47,17 +56,40 @@ def pack(obj: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def send(sock: socket.socket, obj: Any) -> None:
-    """Write one frame."""
-    sock.sendall(pack(obj))
+def send(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
+    """Write one frame, with ``fds`` attached to its first byte."""
+    frame = pack(obj)
+    if fds:
+        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        frame = frame[sent:]
+    if frame:
+        sock.sendall(frame)
+
+
+_MAX_FDS = 4
 
 
 class FrameReader:
-    """Reads frames from a stream socket; :meth:`read` raises ``EOFError`` when the peer is gone."""
+    """Reads frames from a stream socket; :meth:`read` raises ``EOFError`` when the peer is gone.
+    With ``fds``, descriptors that arrive with the data are collected in :attr:`fds` (the
+    caller takes them: they belong to the frame it just read)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, fds: bool = False) -> None:
         self.sock = sock
         self._buf = bytearray()
+        self._anc = socket.CMSG_SPACE(_MAX_FDS * 4) if fds else 0
+        self.fds: list[int] = []
+
+    def _recv(self, n: int) -> bytes:
+        if not self._anc:
+            return self.sock.recv(n)
+        data, anc, _flags, _addr = self.sock.recvmsg(n, self._anc)
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(blob[: len(blob) - len(blob) % 4])
+                self.fds.extend(fds)
+        return data
 
     def read(self) -> Any:
         """The next frame's object (blocks)."""
@@ -74,7 +106,7 @@ class FrameReader:
                 want = 4 + n - len(buf)
             else:
                 want = 4 - len(buf)
-            chunk = self.sock.recv(max(want, 65536))
+            chunk = self._recv(max(want, 65536))
             if not chunk:
                 raise EOFError("the peer closed the channel")
             buf += chunk
