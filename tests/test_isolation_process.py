@@ -31,7 +31,6 @@ from erllama.backend.process import ProcessBackend
 from erllama.backend.stub import StubBackend
 from erllama.config import ModelConfig
 from erllama.testing.malformed import ABORT_CASES, ABORT_LOG
-from erllama.testing.tinymodel import write_tiny_model
 
 TESTS = str(Path(__file__).resolve().parent)
 OPTS = dict(n_ctx=1024, n_seq_max=2, n_batch=128, n_threads=1)
