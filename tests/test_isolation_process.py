@@ -260,6 +260,28 @@ def test_an_abort_in_an_adapter_raises_worker_died(tiny_path, tmp_path, case):
         remote.close()
 
 
+def test_a_worker_that_keeps_aborting_stops_being_restarted(tmp_path):
+    writer, stage, observed = ABORT_CASES["embd_odd_head_dim"]
+    assert stage == "decode"
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"),
+                         model_intensity=2, model_period=60):
+        mid = erllama.load_model(writer(tmp_path / "bad.gguf"), isolation="process", **OPTS)
+        for restarts in (1, 2, 2):  # the third crash within the period exceeds intensity 2
+            events: queue.Queue = queue.Queue()
+            erllama.infer(mid, "hello world", max_tokens=4, sink=events)
+            crash = events.get(timeout=20)
+            assert isinstance(crash, errors.WorkerDied) and crash.signal == observed
+            assert wait_until(lambda: erllama.model_info(mid).restarts == restarts
+                              and erllama.model_info(mid).status in ("loaded", "failed"), 20)
+        assert wait_until(lambda: erllama.model_info(mid).status == "failed", 20)
+        info = erllama.model_info(mid)
+        assert info.last_exit_signal == observed and "GGML_ASSERT" in info.last_failure
+        with pytest.raises(errors.ModelCrashed, match="not restarted"):
+            erllama.complete(mid, "hello", max_tokens=2)
+        assert worker_pids() == []
+        erllama.unload(mid)
+
+
 # ---- through the application ----------------------------------------------------------------------
 
 def test_greedy_tokens_and_exact_hits_match_in_process(app, tiny_path):
