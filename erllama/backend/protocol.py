@@ -79,8 +79,9 @@ class Backend(Protocol):
         ...
 
     # sequence state
-    def state_get(self, seq_id: int) -> bytes:
-        """The KV state of ``seq_id``."""
+    def state_get(self, seq_id: int) -> Any:
+        """The KV state of ``seq_id``: a read-only bytes-like object (``bytes``, or an
+        ``mmap`` shared with a worker process); compare it as ``bytes(...)``."""
         ...
 
     def state_set(self, seq_id: int, data: Any) -> int:
