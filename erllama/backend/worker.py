@@ -332,7 +332,27 @@ def _open(msg: list[Any], shm: wire.SharedBuffer) -> Server:
         raise errors.ErllamaError(f"the first frame must be 'open', got {msg!r:.80}")
     _, path, blob = msg
     config = pickle.loads(blob)
-    return Server(backend_class(config.backend)(path, config), shm)
+    backend = backend_class(config.backend)(path, config)
+    if config.backend == "llama":
+        _first_decode(backend)
+    return Server(backend, shm)
+
+
+def _first_decode(backend: Any) -> None:
+    """What a probe does, before the worker reports ready: tokenize with BOS, decode, sample
+    and decode the sampled token. A file that aborts llama.cpp there kills the worker while
+    it loads, so ``load_model`` raises ``MalformedGGUF`` instead of the first request
+    finding a dead model."""
+    tokens = backend.tokenize("Hello, world", True, False)[: backend.n_batch]
+    if not tokens:
+        return
+    sampler = backend.new_sampler({})
+    try:
+        backend.step([(0, tokens, True)])
+        backend.step([(0, [backend.sample(sampler, 0)], True)])
+    finally:
+        backend.free_sampler(sampler)
+        backend.seq_clear(0)
 
 
 def serve(chan: socket.socket, shm: wire.SharedBuffer, holder: _Holder) -> int:
