@@ -475,3 +475,50 @@ def test_write_hit_count_in_place(tmp_path):
     assert not (tmp_path / "gone.kvc").exists()
     with pytest.raises(errors.InvalidParameter):
         kvc.write_hit_count(path, -1)
+
+
+def _crc_while_reading(row: bytes, cuts: list[int]) -> kvc.PayloadCrc:
+    """PayloadCrc fed the way a reader hands it chunks: the bytes up to each cut."""
+    buf = bytearray(row)
+    crc = kvc.PayloadCrc(buf)
+    for got in [*sorted(c for c in cuts if 0 < c < len(row)), len(row)]:
+        crc.feed(got)
+    return crc
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(meta=metas(), logits=logits_st, kv=st.binary(max_size=300), data=st.data())
+def test_crcs_computed_while_reading_equal_the_parse_and_catch_any_change(meta, logits, kv, data):
+    row = make_row(meta, logits, kv)
+    cuts = data.draw(st.lists(st.integers(0, len(row)), max_size=6), label="cuts")
+    parsed = kvc.parse(row, crcs=_crc_while_reading(row, cuts))
+    assert bytes(parsed.kv) == kv
+    offset = data.draw(st.integers(0, len(row) - 1).filter(lambda o: not 12 <= o < 16), label="offset")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != row[offset]), label="byte")
+    bad = mutate(row, offset, new)
+    try:
+        crcs = _crc_while_reading(bad, cuts)
+    except kvc.CorruptRow:
+        crcs = None  # a bad prefix: the reader's parse reports it
+    with pytest.raises(kvc.CorruptRow):
+        kvc.parse(bad, crcs=crcs)
+
+
+def test_crcs_of_other_bytes_are_not_used():
+    row = small_row()
+    other = make_row(simple_meta(tokens=range(7)), array("f", [1.0, 2.0]), b"other kv")
+    crcs = _crc_while_reading(other, [10])
+    assert bytes(kvc.parse(row, crcs=crcs).kv) == bytes(kvc.parse(row).kv)  # recomputed, not taken
+    partial = kvc.PayloadCrc(bytearray(row))
+    partial.feed(len(row) - 1)  # one byte short of the end
+    po = kvc.parse(row).parsed
+    assert partial.covering(po.payload_offset, po.kv_offset, po.file_size) is None
+
+
+def test_payload_left_unverified_only_when_asked():
+    row = bytearray(small_row())
+    row[-1] ^= 0xFF
+    assert_rejected(bytes(row))
+    assert kvc.parse(bytes(row), verify_payload=False).kv[-1] == row[-1]  # header, size, key still checked
+    with pytest.raises(kvc.CorruptRow, match="truncated"):
+        kvc.parse(bytes(row[:-1]), verify_payload=False)

@@ -66,6 +66,7 @@ def test_lookup_kinds_and_restore(store):
         assert bytes(row.kv) == payload(1) and row.meta.token_ids == tuple(base)
         np.testing.assert_array_equal(np.frombuffer(row.logits, dtype=np.float32), LOGITS)
         assert store.index.get(hit.key).refcount == 1
+    store.sync()  # the check-in is a message the reader does not wait for
     assert store.index.get(hit.key).refcount == 0
     c = counters.snapshot()
     assert (c["hits_exact"], c["hits_longest_prefix"], c["hits_resume"], c["misses"]) == (1, 1, 1, 1)
@@ -176,6 +177,7 @@ def test_concurrent_lookups_and_saves_of_the_same_keys(store):
         assert not th.is_alive(), "deadlock"
     assert not errors_seen
     assert len(store.index.rows) == len(keys)  # no duplicate rows
+    store.sync()  # after every thread's check-ins (FIFO; the threads are joined)
     assert all(r.refcount == 0 for r in store.index.rows.values())
     assert store.reservations() == 0
 
@@ -367,6 +369,7 @@ def test_a_disk_hit_is_promoted_to_tmpfs_when_it_has_room(store):
     from supervision_helpers import wait_until
 
     wait_until(lambda: store.index.get(key).tier == "ram_file", what="promotion")
+    assert store.flush()  # the move is visible before the writer deletes the disk file and counts it
     assert not path.exists() and counters.get("promotions") == 1
     with store.restore(key) as row:
         assert bytes(row.kv) == payload(5)
@@ -416,3 +419,92 @@ def test_expired_reservations_are_swept():
         assert isinstance(call("reserve", b"k" * 32, group_of(KM), 3, "ram", 100), int)  # free again
     finally:
         ref.stop()
+
+
+def test_a_restore_reads_into_the_buffer_the_save_paged_in(store, monkeypatch):
+    toks = list(range(1, 40))
+    store.save(row_meta(toks), LOGITS, payload(4, 300_000), tier="ram_file", wait=True).result(timeout=10)
+    row = store.index.get(cache_key(KM, toks))
+    assert row.tier == "ram_file" and store.buffers.sizes() == [1 << 20]  # left by the publish read-back
+    taken = []
+    real_take = store.buffers.take
+    monkeypatch.setattr(store.buffers, "take", lambda size: taken.append(real_take(size)) or taken[-1])
+    free_before = list(store.buffers._free)
+    with store.restore(row.key) as got:
+        assert bytes(got.kv) == payload(4, 300_000)
+    assert taken[0] is free_before[0]  # no fresh memory on the restore path
+    store.sync()
+    assert store.index.get(row.key).refcount == 0 and store.buffers.sizes() == [1 << 20]
+
+
+def test_a_duplicate_save_is_dropped_before_its_crc(store, monkeypatch):
+    from erllama.cache import store as store_mod
+
+    store.save(row_meta([3, 1, 4]), LOGITS, payload(1), wait=True).result(timeout=10)
+    monkeypatch.setattr(store_mod, "encode_row", lambda *a: pytest.fail("encoded a row already present"))
+    assert store.save(row_meta([3, 1, 4]), LOGITS, payload(1), wait=True).result(timeout=10) == "duplicate"
+    assert counters.get("duplicate_dropped") == 1
+
+
+def test_hits_reach_the_file_at_checkin_and_tmpfs_rows_stay_trusted(store):
+    toks = [2, 7, 1, 8]
+    store.save(row_meta(toks), LOGITS, payload(2), tier="ram_file", wait=True).result(timeout=10)
+    key = cache_key(KM, toks)
+    path = store.index.get(key).location
+    for n in (1, 2, 3):
+        with store.restore(key) as row:
+            assert bytes(row.kv) == payload(2)
+        store.sync()
+        assert kvc.read_header(path).meta.hit_count == n and store.index.get(key).refcount == 0
+    if store.tiers["ram_file"].trusting:
+        assert counters.get("loads_crc_skipped") == 3
+
+
+def _big_payload(i: int) -> bytes:
+    from erllama.cache.tiers import PIPELINE_CHUNK, PIPELINE_MIN
+
+    return payload(i, PIPELINE_MIN + PIPELINE_CHUNK)
+
+
+@pytest.fixture
+def big_store(tmp_path):
+    counters.reset()
+    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(tmp_path / "disk"),
+                                     disk_quota=10**9))
+    yield s
+    s.close()
+
+
+def test_a_late_verified_restore_and_a_corrupt_one(big_store):
+    s = big_store
+    good, bad = list(range(1, 30)), list(range(2, 31))
+    for i, toks in enumerate((good, bad)):
+        s.save(row_meta(toks), LOGITS, _big_payload(i), tier="disk", wait=True).result(timeout=30)
+    with s.restore(cache_key(KM, good), verify_late=True) as row:
+        assert row.verified() and bytes(row.kv) == _big_payload(0)
+    path = s.index.get(cache_key(KM, bad)).location
+    _flip_file(path, -3)
+    with s.restore(cache_key(KM, bad), verify_late=True) as row:
+        assert row is not None and not row.verified()  # the caller undoes what it copied
+    assert s.index.get(cache_key(KM, bad)) is None and not path.exists()
+    assert counters.get("corrupt_files") == 1 and s.buffers.sizes()
+
+
+def test_a_late_row_left_unverified_raises_when_corrupt(big_store):
+    s = big_store
+    toks = list(range(5, 40))
+    s.save(row_meta(toks), LOGITS, _big_payload(3), tier="disk", wait=True).result(timeout=30)
+    key = cache_key(KM, toks)
+    _flip_file(s.index.get(key).location, -11)
+    with pytest.raises(kvc.CorruptRow, match="late CRC"):
+        with s.restore(key, verify_late=True) as row:
+            assert row is not None  # used without asking row.verified()
+    s.sync()
+    assert s.index.get(key) is None and s.reservations() == 0 and s.buffers.sizes()
+
+
+def _flip_file(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x20
+    with open(path, "r+b") as f:
+        f.write(data)

@@ -59,6 +59,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -76,18 +77,22 @@ __all__ = [
     "FingerprintMode",
     "KeyFn",
     "Parsed",
+    "PayloadCrc",
     "Row",
     "RowMeta",
     "SUPPORTED_VERSIONS",
     "SaveReason",
     "Tag",
     "build_prefix",
+    "check_payload",
     "decode_tokens",
     "encode_tokens",
+    "ensure_capacity",
     "parse",
     "parse_header",
     "payload_crc32c",
     "read_header",
+    "read_into",
     "read_row",
     "write_hit_count",
 ]
@@ -385,22 +390,32 @@ class Parsed:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Row:
-    """A fully validated row: its metadata and zero-copy views of its payload.
+    """A validated row: its metadata and zero-copy views of its payload.
 
     ``logits`` (format ``"f"``, or ``None``) and ``kv`` (format ``"B"``) point into the
     buffer that was parsed; they are only meaningful until that buffer is reused. Release
     them (:meth:`release`, or use the row as a context manager) before reading a larger file
     into the same buffer, which must then grow.
+
+    ``check`` is set on a row whose payload CRC was still being computed when it was handed
+    out (``FileTier.load(late=True)``): its header, size and key are verified, its payload
+    not yet. Use the payload only after :meth:`verified` returned ``True``.
     """
 
     parsed: Parsed
     logits: memoryview | None
     kv: memoryview
+    check: Callable[[], bool] | None = field(default=None, repr=False)
 
     @property
     def meta(self) -> RowMeta:
         """The row's metadata."""
         return self.parsed.meta
+
+    def verified(self) -> bool:
+        """Whether the payload matches its CRCs (waits for a check still running; ``True``
+        at once for a row verified before it was handed out)."""
+        return True if self.check is None else self.check()
 
     def release(self) -> None:
         """Release the payload views, so the underlying buffer can be resized."""
@@ -675,12 +690,18 @@ def parse_header(data: Buffer, *, file_size: int | None = None) -> Parsed:
         mv.release()
 
 
-def parse(data: Buffer, *, expected_key: bytes | None = None, key_fn: KeyFn | None = None) -> Row:
+def parse(data: Buffer, *, expected_key: bytes | None = None, key_fn: KeyFn | None = None,
+          verify_payload: bool = True, crcs: PayloadCrc | None = None) -> Row:
     """Full parse of a whole row file held in ``data``: everything :func:`parse_header`
     checks, with ``len(data)`` as the file size, plus the logits and payload CRCs and, when
     ``expected_key`` is given, that ``key_fn`` recomputes it from the row's TLVs.
 
-    The returned :class:`Row` views ``data`` without copying. Raises :class:`CorruptRow`.
+    ``verify_payload=False`` skips only the two payload CRCs (the header, its CRC, the size
+    and the key are still checked): for bytes the caller already verified and knows are
+    unchanged (``FileTier``'s trusted rows). ``crcs``: the payload CRCs already computed
+    over these bytes while they were read (:class:`PayloadCrc`); used when they cover
+    exactly this row's payload, else the CRCs are computed here. The returned
+    :class:`Row` views ``data`` without copying. Raises :class:`CorruptRow`.
     """
     if expected_key is not None:
         if key_fn is None:
@@ -696,22 +717,39 @@ def parse(data: Buffer, *, expected_key: bytes | None = None, key_fn: KeyFn | No
                                  f"row hashes to {actual_key.hex()}, expected {expected_key.hex()}",
                                  expected=expected_key, actual=actual_key)
         po, ko, end = parsed.payload_offset, parsed.kv_offset, parsed.file_size
-        crc = 0
-        if parsed.n_logits is not None:
-            crc = crc32c(mv[po:ko])
-            if crc != parsed.logits_crc:
-                raise CorruptRow("crc_mismatch",
-                                 f"logits CRC 0x{crc:08x} != stored 0x{parsed.logits_crc:08x}",
-                                 expected=parsed.logits_crc, actual=crc)
-        crc = crc32c(mv[ko:end], crc)
-        if crc != parsed.payload_crc:
-            raise CorruptRow("crc_mismatch",
-                             f"payload CRC 0x{crc:08x} != stored 0x{parsed.payload_crc:08x}",
-                             expected=parsed.payload_crc, actual=crc)
+        if not verify_payload:
+            logits = None if parsed.n_logits is None else mv[po:ko].cast("f")
+            return Row(parsed, logits, mv[ko:end])
+        with mv[po:ko] as lv, mv[ko:end] as kv:  # released even when a mismatch raises
+            _check_crcs(parsed, lv, kv, crcs)
         logits = None if parsed.n_logits is None else mv[po:ko].cast("f")
         return Row(parsed, logits, mv[ko:end])
     finally:
         mv.release()
+
+
+def _check_crcs(parsed: Parsed, logits: memoryview, kv: memoryview, crcs: PayloadCrc | None) -> None:
+    po, ko, end = parsed.payload_offset, parsed.kv_offset, parsed.file_size
+    done = crcs.covering(po, ko, end) if crcs is not None else None
+    crc = 0
+    if parsed.n_logits is not None:
+        crc = crc32c(logits) if done is None else done[0]
+        if crc != parsed.logits_crc:
+            raise CorruptRow("crc_mismatch",
+                             f"logits CRC 0x{crc:08x} != stored 0x{parsed.logits_crc:08x}",
+                             expected=parsed.logits_crc, actual=crc)
+    crc = crc32c(kv, crc) if done is None else done[1]
+    if crc != parsed.payload_crc:
+        raise CorruptRow("crc_mismatch",
+                         f"payload CRC 0x{crc:08x} != stored 0x{parsed.payload_crc:08x}",
+                         expected=parsed.payload_crc, actual=crc)
+
+
+def check_payload(row: Row, crcs: PayloadCrc | None = None) -> None:
+    """Check a row parsed with ``verify_payload=False`` against its stored CRCs, using
+    ``crcs`` computed while it was read when they cover it. Raises :class:`CorruptRow`."""
+    empty = memoryview(b"")
+    _check_crcs(row.parsed, empty if row.logits is None else row.logits, row.kv, crcs)
 
 
 def _grow(buffer: bytearray, size: int) -> None:
@@ -721,6 +759,87 @@ def _grow(buffer: bytearray, size: int) -> None:
     except BufferError:
         raise BufferError("the read buffer is still viewed by an earlier Row and cannot grow: "
                           "release that row (row.release()) before reading a larger file") from None
+
+
+def ensure_capacity(buffer: bytearray, size: int) -> None:
+    """Grow ``buffer`` (in 1 MiB steps) to hold at least ``size`` bytes."""
+    if len(buffer) < size:
+        _grow(buffer, size)
+
+
+def read_into(f: BinaryIO, size: int, buffer: bytearray | None = None, *, chunk: int = 0,
+              on_chunk: Callable[[int], object] | None = None) -> memoryview:
+    """Read up to ``size`` bytes of the open, unbuffered file ``f`` from its current
+    position into ``buffer`` (grown in 1 MiB steps when too small; a new one when
+    ``None``). Returns a view of the bytes read (fewer at EOF); the caller releases it.
+    With ``chunk``, reads at most that many bytes at a time and calls ``on_chunk(n)``
+    after each, ``n`` being the bytes read so far."""
+    if buffer is None:
+        buffer = bytearray(size)
+    else:
+        ensure_capacity(buffer, size)
+    got = 0
+    with memoryview(buffer) as whole:
+        while got < size:
+            n = f.readinto(whole[got:size if chunk <= 0 else min(size, got + chunk)])
+            if not n:
+                break
+            got += n
+            if on_chunk is not None:
+                on_chunk(got)
+        return whole[:got]
+
+
+class PayloadCrc:
+    """The payload CRCs of a row computed while its file is read into ``buffer``: call
+    :meth:`feed` as bytes arrive (from another thread than the reader's, so the CRC runs
+    alongside the read), then hand it to :func:`parse` (``crcs=``), which still checks
+    everything else and compares these CRCs with the stored ones.
+
+    The prefix is parsed only to learn where the logits and kv lie; a bad prefix raises
+    :class:`CorruptRow` from :meth:`feed` (:func:`parse` then reports it properly).
+    """
+
+    def __init__(self, buffer: bytearray) -> None:
+        self._buf = buffer
+        self._span: tuple[int, int, int] | None = None
+        self._pos = 0
+        self._crc = 0
+        self._logits_crc = 0
+
+    def feed(self, got: int) -> None:
+        """Bytes ``[0, got)`` of the buffer hold the start of the file."""
+        with memoryview(self._buf) as mv:
+            if self._span is None:
+                if got < HEADER_SIZE:
+                    return
+                po = _U64.unpack_from(mv, _PAYLOAD_OFFSET_AT)[0]
+                if not HEADER_SIZE < po <= got:
+                    if po > got and po <= len(mv):
+                        return  # the prefix is not all here yet
+                    raise CorruptRow("bad_trailer", f"payload_offset {po}")
+                with mv[:po] as prefix:
+                    parsed = _parse_prefix(prefix, None)
+                self._span = (po, parsed.kv_offset, parsed.file_size)
+                self._pos = po
+            _, ko, end = self._span
+            stop = min(got, end)
+            if self._pos < ko:
+                cut = min(stop, ko)
+                self._crc = crc32c(mv[self._pos:cut], self._crc)
+                self._pos = cut
+                if cut == ko:
+                    self._logits_crc = self._crc  # the payload CRC goes on from it
+            if ko <= self._pos < stop:
+                self._crc = crc32c(mv[self._pos:stop], self._crc)
+                self._pos = stop
+
+    def covering(self, po: int, ko: int, end: int) -> tuple[int, int] | None:
+        """``(logits CRC, payload CRC)`` when exactly bytes ``[po, end)`` with the kv at
+        ``ko`` were covered, else ``None``."""
+        if self._span != (po, ko, end) or self._pos != end:
+            return None
+        return (self._logits_crc if ko > po else 0), self._crc
 
 
 def read_row(path: str | os.PathLike[str], *, buffer: bytearray | None = None,
@@ -734,19 +853,7 @@ def read_row(path: str | os.PathLike[str], *, buffer: bytearray | None = None,
     :class:`CorruptRow` naming the path.
     """
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if buffer is None:
-            buffer = bytearray(size)
-        elif len(buffer) < size:
-            _grow(buffer, size)
-        got = 0
-        with memoryview(buffer) as whole:
-            while got < size:
-                n = f.readinto(whole[got:size])
-                if not n:
-                    break
-                got += n
-            view = whole[:got]
+        view = read_into(f, os.fstat(f.fileno()).st_size, buffer)
     try:
         return parse(view, expected_key=expected_key, key_fn=key_fn)
     except CorruptRow as exc:
@@ -771,19 +878,25 @@ def read_header(path: str | os.PathLike[str]) -> Parsed:
         raise exc.with_path(os.fsdecode(path)) from None
 
 
-def write_hit_count(path: str | os.PathLike[str], hits: int) -> bool:
+def write_hit_count(path: str | os.PathLike[str] | int, hits: int) -> bool:
     """Persist ``hits`` (saturated to u32) into the row file's header, in place; best
     effort: returns whether it was written, never raises for I/O errors. The header CRC
-    does not cover these bytes, so the row stays valid."""
+    does not cover these bytes, so the row stays valid. ``path`` may be an open file
+    descriptor (left open)."""
     if hits < 0:
         raise errors.InvalidParameter(f"hits must be >= 0, got {hits}")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
+    own = not isinstance(path, int)
+    if not own:
+        fd = path
+    else:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
     try:
         return os.pwrite(fd, _U32.pack(min(hits, _U32_MAX)), HIT_COUNT_OFFSET) == 4
     except OSError:
         return False
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)

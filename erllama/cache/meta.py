@@ -147,11 +147,15 @@ class MetaServer(supervision.Actor):
         return len(stale)
 
     _CALLS = frozenset({"reserve", "publish", "cancel", "demote", "promote", "finish_move", "abort_move", "checkout",
-                        "checkin", "remove", "evict", "wait_for", "reservations", "sweep", "holders"})
+                        "checkin", "remove", "evict", "wait_for", "reservations", "sweep", "holders", "sync"})
+
+    _CASTS = frozenset({"checkin"})
 
     def on_receive(self, message: Any) -> Any:
         """``("call", method, args)``: run one of the methods below in the actor's thread;
-        ``Down`` of a reader: release its checkouts; the periodic reservation sweep."""
+        ``("cast", method, args)``: the same for a message nobody waits on (a failure is
+        logged, never fatal to the server); ``Down`` of a reader: release its checkouts;
+        the periodic reservation sweep."""
         if isinstance(message, supervision.Down):
             return self._holder_down(message)
         if isinstance(message, _Sweep):
@@ -160,6 +164,12 @@ class MetaServer(supervision.Actor):
             return None
         if isinstance(message, tuple) and len(message) == 3 and message[0] == "call" and message[1] in self._CALLS:
             return getattr(self, message[1])(*message[2])
+        if isinstance(message, tuple) and len(message) == 3 and message[0] == "cast" and message[1] in self._CASTS:
+            try:
+                getattr(self, message[1])(*message[2])
+            except Exception:
+                logger.exception("meta server: %s failed", message[1])
+            return None
         logger.warning("meta server ignores an unexpected message %r", message)
         return None
 
@@ -251,7 +261,8 @@ class MetaServer(supervision.Actor):
 
     def checkout(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> Row | None:
         """A reader takes an available row (refcount + 1), or ``None``. A ``holder`` actor's
-        checkouts are released if it dies before checking them in."""
+        checkouts are released if it dies before checking them in. The hit count reaches
+        the file at :meth:`checkin`, after the read, not on the reader's path."""
         if self.index.lookup_exact(key) is None:
             return None
         row = self.index.checkout(key, self._clock())
@@ -261,13 +272,15 @@ class MetaServer(supervision.Actor):
                 entry = (supervision.monitor(holder, self.actor_ref), {})
                 self._holders[holder.actor_urn] = entry
             entry[1][key] = entry[1].get(key, 0) + 1
-        if row.tier != "ram" and row.location is not None:
-            self._tiers[row.tier].write_hits(key, row.hits)
         return row
 
     def checkin(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> None:
-        """A reader is done with a row."""
+        """A reader is done with a row (sent as a cast: the reader does not wait); a file
+        row's hit count is persisted in its header."""
         self.index.checkin(key)
+        row = self.index.lookup_exact(key)
+        if row is not None and row.tier != "ram" and row.location is not None:
+            self._tiers[row.tier].write_hits(key, row.hits)
         if holder is not None:
             entry = self._holders.get(holder.actor_urn)
             if entry is not None:
@@ -330,3 +343,6 @@ class MetaServer(supervision.Actor):
     def reservations(self) -> int:
         """Number of live reservations (for leak checks)."""
         return len(self._reservations)
+
+    def sync(self) -> None:
+        """Nothing: answering it proves every earlier message of the sender was handled."""

@@ -122,6 +122,9 @@ def publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool]) -> str:
             _fault("linked")
             fsync_dir(directory)
             _fault("dir_synced")
+            # drop the second name before the read-back: unlinking it changes the file's
+            # ctime, which would void the identity the read-back records (tiers.FileTier)
+            tmp.unlink(missing_ok=True)
             if not is_valid(final):
                 final.unlink(missing_ok=True)
                 raise PublishError(f"{final} does not read back valid after publishing")

@@ -2,7 +2,8 @@
 
 ``save`` hands a row to the writer pool and returns at once; ``lookup`` finds the exact
 key, a ``parent_key`` resume or the longest saved prefix without a message; ``restore``
-checks a row out, reads it (into a per-thread reusable buffer for files) and checks it in.
+checks a row out, reads it (files: into a paged-in buffer of the shared pool) and checks
+it in (a message that is not waited for).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -32,7 +32,7 @@ from erllama.cache.pressure import CheckNow, PressureConfig
 from erllama.cache.pressure import Status as PressureStatus
 from erllama.cache.pressure import child_spec as pressure_child_spec
 from erllama.cache.publish import PublishError
-from erllama.cache.tiers import FileTier, RamTier, RowParts, encode_row
+from erllama.cache.tiers import BufferPool, FileTier, RamTier, RowParts, encode_row
 from erllama.cache.writer import WriterPool
 
 __all__ = ["CacheConfig", "CacheStore", "Hit"]
@@ -100,12 +100,15 @@ class CacheStore:
         self.config = config
         self.stats = stats
         self.tiers: dict[str, Any] = {}
+        # one pool of read buffers for publish read-backs, restores and moves between files
+        self.buffers = BufferPool(keep=2)
         if config.ram_quota:
             self.tiers["ram"] = RamTier()
         if config.ram_file_quota:
-            self.tiers["ram_file"] = FileTier("ram_file", config.resolved_ram_file_dir(), stats)
+            self.tiers["ram_file"] = FileTier("ram_file", config.resolved_ram_file_dir(), stats,
+                                              buffers=self.buffers, trust_verified=True)
         if config.disk_quota:
-            self.tiers["disk"] = FileTier("disk", config.resolved_disk_dir(), stats)
+            self.tiers["disk"] = FileTier("disk", config.resolved_disk_dir(), stats, buffers=self.buffers)
         quotas = {"ram": config.ram_quota, "ram_file": config.ram_file_quota, "disk": config.disk_quota}
         self._published: dict[str, Index] = {}
         self._name = f"erllama.cache.meta.{next(_store_ids)}"
@@ -117,7 +120,6 @@ class CacheStore:
         self._sup = supervision.start_supervisor(
             supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec, poller])
         self.writer = WriterPool(config.writer_max_concurrent)
-        self._buffers = threading.local()
 
     @classmethod
     def start(cls, config: CacheConfig | None = None, **overrides: Any) -> CacheStore:
@@ -144,6 +146,14 @@ class CacheStore:
     def _ask(self, method: str, *args: Any) -> Any:
         return supervision.registry.ask(self._name, ("call", method, args), timeout=30.0)
 
+    def _tell(self, method: str, *args: Any) -> None:
+        """Send without waiting; the meta server handles it before any later message of
+        this thread (its inbox is FIFO)."""
+        try:
+            supervision.registry.tell(self._name, ("cast", method, args), timeout=30.0)
+        except Exception as exc:  # a restarted meta server rebuilds its index: nothing to release
+            logger.warning("cache %s of %s not delivered: %s", method, args[:1], exc)
+
     # ---- saving --------------------------------------------------------------------------------
 
     def save(self, meta: kvc.RowMeta, logits: np.ndarray | None, kv: bytes | bytearray | memoryview, *,
@@ -166,6 +176,9 @@ class CacheStore:
     def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
         km = KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace)
         key = cache_key(km, meta.token_ids)
+        if self.index.lookup_exact(key) is not None:  # before the CRC: a finish save often repeats a row
+            self.stats.add("duplicate_dropped")
+            return "duplicate"
         parts = encode_row(meta, logits, kv)
         try:
             token, tier = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
@@ -215,8 +228,8 @@ class CacheStore:
         if action != "move":
             return
         try:
-            parts: RowParts = source.parts(victim.key)
-            location = self.tiers[target].put(victim.key, parts)
+            with self._parts(victim) as parts:
+                location = self.tiers[target].put(victim.key, parts)
         except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
             logger.warning("demotion of %s to %s failed: %s", victim.key.hex()[:16], target, exc)
             self._ask("abort_move", victim.key)
@@ -285,28 +298,30 @@ class CacheStore:
         return 0
 
     @contextlib.contextmanager
-    def restore(self, key: bytes, holder: Any = None) -> Iterator[kvc.Row | None]:
+    def restore(self, key: bytes, holder: Any = None, *, verify_late: bool = False) -> Iterator[kvc.Row | None]:
         """Check the row out and yield it (``None`` if it is gone or turns out corrupt: a
         corrupt row is removed and never served). Views in the row are valid inside the
         ``with`` block only. A ``holder`` actor ref (the model actor) has its checkout
-        released by the meta server should it die inside the block."""
+        released by the meta server should it die inside the block.
+
+        ``verify_late``: a file row whose payload CRC runs on a helper thread is yielded as
+        soon as it is read, its CRC still running, so the caller can copy the KV into llama
+        meanwhile. Its payload may then be used for a result only after
+        ``row.verified()`` returned ``True`` (``False``: corrupt, removed and counted;
+        undo what was copied). A row left unverified is checked when the block ends, and
+        a failure raises ``kvc.CorruptRow`` there."""
         t0 = time.perf_counter_ns()
         row = self._ask("checkout", key, holder)
         if row is None:
             yield None
             return
         try:
-            data = self._load(row)
-            if data is None:
-                yield None
-                return
-            self.stats.add("load_total_ns", time.perf_counter_ns() - t0)
-            try:
+            with self._load(row, verify_late) as data:
+                if data is not None:
+                    self.stats.add("load_total_ns", time.perf_counter_ns() - t0)
                 yield data
-            finally:
-                data.release()
         finally:
-            self._ask("checkin", key, holder)
+            self._tell("checkin", key, holder)
         # promote disk rows to tmpfs, which survives a process restart; never into the
         # in-process ram tier, which would trade a durable copy for a volatile one
         if row.tier == "disk" and "ram_file" in self.tiers and self.index.free_bytes("ram_file") >= row.size:
@@ -318,8 +333,8 @@ class CacheStore:
             return
         source = self.tiers[row.tier]
         try:
-            parts = source.parts(row.key)
-            location = self.tiers[tier].put(row.key, parts)
+            with self._parts(row) as parts:
+                location = self.tiers[tier].put(row.key, parts)
         except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
             logger.warning("promotion of %s failed: %s", row.key.hex()[:16], exc)
             self._ask("abort_move", row.key)
@@ -328,19 +343,47 @@ class CacheStore:
         source.delete(row.key)
         self.stats.add("promotions")
 
-    def _load(self, row: Row) -> kvc.Row | None:
+    @contextlib.contextmanager
+    def _load(self, row: Row, late: bool = False) -> Iterator[kvc.Row | None]:
+        """The row's bytes for the ``with`` block (``None`` when gone or corrupt); a file
+        row is read into a buffer of the pool, given back after the block (and after a
+        late CRC check has finished with it)."""
         tier = self.tiers[row.tier]
+        buf = None if row.tier == "ram" else self.buffers.take(row.size)
         try:
-            if row.tier == "ram":
-                return tier.load(row.key)
-            buf = getattr(self._buffers, "buf", None)
-            if buf is None:
-                buf = self._buffers.buf = bytearray()
-            return tier.load(row.key, buf)
-        except (kvc.CorruptRow, FileNotFoundError, KeyError) as exc:
-            logger.warning("cache row %s in %s cannot be served: %s", row.key.hex()[:16], row.tier, exc)
-            self._ask("remove", row.key)
-            return None
+            try:
+                if buf is None:
+                    data = tier.load(row.key)
+                else:
+                    data = tier.load(row.key, buf, late=late, on_corrupt=lambda: self._ask("remove", row.key))
+            except (kvc.CorruptRow, FileNotFoundError, KeyError) as exc:
+                logger.warning("cache row %s in %s cannot be served: %s", row.key.hex()[:16], row.tier, exc)
+                self._ask("remove", row.key)
+                data = None
+            try:
+                yield data
+            except BaseException:
+                if data is not None:
+                    data.verified()  # the helper lets go of the buffer
+                raise
+            else:
+                if data is not None and data.check is not None and data.check.result is None \
+                        and not data.verified():
+                    raise kvc.CorruptRow("crc_mismatch", f"cache row {row.key.hex()[:16]} failed its late CRC "
+                                         "check after it was handed out unverified")
+            finally:
+                if data is not None:
+                    data.release()
+        finally:
+            if buf is not None:
+                self.buffers.give(buf)
+
+    def _parts(self, row: Row) -> contextlib.AbstractContextManager[RowParts]:
+        """The row's encoded parts for a move to another tier, valid inside the block."""
+        source = self.tiers[row.tier]
+        if row.tier == "ram":
+            return contextlib.nullcontext(source.parts(row.key))
+        return source.borrowed_parts(row.key, row.size)
 
     # ---- eviction ---------------------------------------------------------------------------------
 
@@ -367,3 +410,8 @@ class CacheStore:
     def reservations(self) -> int:
         """Live reservations (0 when no save is in flight)."""
         return self._ask("reservations")
+
+    def sync(self) -> None:
+        """Wait until the meta server has handled every message this thread sent before,
+        e.g. the check-in at the end of a ``restore`` block, which is not waited for."""
+        self._ask("sync")
