@@ -295,9 +295,15 @@ class ModelActor(supervision.Actor):
         if not req.prompt:
             raise errors.EmptyPrompt("the prompt holds no tokens")
         n_vocab = self.backend.n_vocab
-        for i, t in enumerate(req.prompt):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-                raise errors.InvalidToken(f"prompt[{i}] = {t!r} is outside the vocabulary [0, {n_vocab})")
+        try:
+            arr = np.asarray(req.prompt)
+            ok = arr.dtype.kind in "iu" and arr.ndim == 1 and 0 <= int(arr.min()) and int(arr.max()) < n_vocab
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:  # find the first bad one for the message
+            for i, t in enumerate(req.prompt):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                    raise errors.InvalidToken(f"prompt[{i}] = {t!r} is outside the vocabulary [0, {n_vocab})")
         if len(req.prompt) + 1 > self.backend.n_ctx_seq:
             raise errors.ContextOverflow(
                 f"the prompt holds {len(req.prompt)} tokens; a sequence holds {self.backend.n_ctx_seq}")
@@ -344,7 +350,9 @@ class ModelActor(supervision.Actor):
         hit = self.cache.lookup(req.key_meta, req.prompt, parent_key=req.params.parent_key)
         logits = None
         if hit is not None:
-            with self.cache.restore(hit.key, holder=self.actor_ref) as row:
+            # verify_late: a disk row's CRC runs while llama copies the KV; nothing restored
+            # is used before row.verified() says the bytes are the ones saved
+            with self.cache.restore(hit.key, holder=self.actor_ref, verify_late=True) as row:
                 restored = -1
                 if row is not None and (row.logits is not None or hit.n_tokens < len(req.prompt)):
                     # an exact hit needs the row's logits: re-decoding would change them
@@ -352,8 +360,10 @@ class ModelActor(supervision.Actor):
                         restored = self.backend.state_set(req.seq, row.kv)
                     except errors.StateError as exc:
                         logger.warning("model %s: cached row does not restore: %s", self.model_id, exc)
+                    if restored >= 0 and not row.verified():
+                        restored = -1  # corrupt: removed and counted by the store
                     if restored == hit.n_tokens and hit.n_tokens == len(req.prompt):
-                        logits = np.array(row.logits, dtype=np.float32)
+                        logits = np.frombuffer(row.logits, dtype=np.float32).copy()
             if restored != hit.n_tokens:
                 self.backend.seq_clear(req.seq)
                 self.cache.restore_failed(hit)
@@ -576,7 +586,8 @@ class ModelActor(supervision.Actor):
             return
         req.finished = True
         if (self.cache is not None and req.seq is not None and self.running.get(req.seq) is req
-                and req.generated and should_finish_save(self.policy, len(req.context))):
+                and req.generated and len(req.context) > req.cache_read  # else the row exists
+                and should_finish_save(self.policy, len(req.context))):
             try:
                 logits = self.backend.logits(req.seq)
             except errors.NoLogits:
