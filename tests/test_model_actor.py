@@ -157,13 +157,14 @@ def test_bad_inputs_fail_the_request_not_the_model(make_actor):
 
 
 class FlakyStub(StubBackend):
-    """Fails the step whose rows include seq 1, once."""
+    """Fails, once, the step that prefills ``fail_prompt``."""
 
     failed = False
+    fail_prompt: list[int] = []
 
     def step(self, rows):
         rows = list(rows)
-        if not FlakyStub.failed and any(r[0] == 1 for r in rows):
+        if not FlakyStub.failed and any(list(r[1]) == FlakyStub.fail_prompt for r in rows):
             FlakyStub.failed = True
             raise errors.DecodeFailed("injected failure")
         return super().step(rows)
@@ -172,6 +173,7 @@ class FlakyStub(StubBackend):
 def test_a_failed_step_fails_its_requests_only(make_actor):
     FlakyStub.failed = False
     actor, be = make_actor(n_seq_max=2, backend_cls=FlakyStub)
+    FlakyStub.fail_prompt = list(prompt_for(be, 2))
     a = submit(actor, prompt_for(be, 1), max_tokens=50)
     time.sleep(0.05)
     b = submit(actor, prompt_for(be, 2), max_tokens=5)

@@ -25,6 +25,7 @@ fails the actor, so the supervisor starts a new backend.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import time
 from collections import deque
@@ -90,7 +91,10 @@ class ModelActor(supervision.Actor):
         self.policy = policy or SavePolicy()
         self.tier = tier
         self.observed = observed or Observed()
-        self.free_seqs = deque(range(backend.n_seq_max))
+        # lowest id first, and each step's rows in id order: llama.cpp batches only
+        # consecutive increasing sequence ids into one ubatch (kv_unified=False), so a
+        # rotated order splits a 4-row step (measured 41 ms against 33 ms)
+        self.free_seqs: list[int] = list(range(backend.n_seq_max))
         self.running: dict[int, Request] = {}
         self.pending: deque[Request] = deque()
         self.sessions: dict[str, _Session] = {}
@@ -188,7 +192,7 @@ class ModelActor(supervision.Actor):
     def _drop_session(self, session_id: str) -> None:
         sess = self.sessions.pop(session_id)
         self.backend.seq_clear(sess.seq)
-        self.free_seqs.appendleft(sess.seq)
+        heapq.heappush(self.free_seqs, sess.seq)
 
     def _seq_for(self, req: Request) -> int:
         """A sequence for ``req``: its session's, a free one, or the least recently used idle
@@ -206,7 +210,7 @@ class ModelActor(supervision.Actor):
             self._drop_session(sid)  # diverged (or nothing new to prefill): the cache path
         if not self.free_seqs:
             self._drop_session(min(self.sessions, key=lambda s: self.sessions[s].last_used))
-        return self.free_seqs.popleft()
+        return heapq.heappop(self.free_seqs)
 
     def save_live(self, reason: kvc.SaveReason, timeout: float = 60.0) -> int:
         """Synchronously save the context of every running request and idle session
@@ -456,6 +460,7 @@ class ModelActor(supervision.Actor):
                 rows.append((seq, [req.next_token], True))
             else:
                 rows.append((seq, req.cursor[:n], n == len(req.cursor)))
+        rows.sort(key=lambda row: row[0])
         try:
             self.backend.step(rows)
         except errors.ModelCrashed:
@@ -567,7 +572,7 @@ class ModelActor(supervision.Actor):
                 if keep_session and sid is not None and sid not in self.ending_sessions and req.context:
                     self.sessions[sid] = _Session(req.seq, list(req.context), time.monotonic())
                 else:
-                    self.free_seqs.append(req.seq)
+                    heapq.heappush(self.free_seqs, req.seq)
                     self.backend.seq_clear(req.seq)
             if req.sampler is not None:
                 sampler, req.sampler = req.sampler, None
