@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,7 @@ from pathlib import Path
 
 from compare_builds import wait_idle
 from cpuload import LoadMeter
+from report import fmt, git_rev
 
 try:
     import erllama
@@ -318,27 +318,7 @@ def long_prompt(mid: str, tag: str, n: int) -> list[int]:
     return erllama.tokenize(mid, text)[:n]
 
 
-def med(values: list[float]) -> tuple[float, float, float]:
-    vals = [v for v in values if v is not None and v == v]
-    return (statistics.median(vals), min(vals), max(vals)) if vals else (float("nan"),) * 3
 
-
-def fmt(values: list[float], spec: str = ".1f") -> str:
-    m, lo, hi = med(values)
-    return f"{m:{spec}} [{lo:{spec}}-{hi:{spec}}]"
-
-
-def git_rev() -> str:
-    """The checkout's commit, with ``+dirty`` when erllama/ has uncommitted changes."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "erllama"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,6 +63,7 @@ from pathlib import Path
 
 from compare_builds import wait_idle
 from cpuload import LoadMeter
+from report import fmt, git_rev, med
 
 try:
     import erllama
@@ -304,14 +304,6 @@ def run_streams(mid: str, prompts: list[list[int]], n: int) -> dict:
     return {**_stream_stats(stamps, t0, t_end), "ids": ids, "hits": hits, "other": load.other}
 
 
-def med(values: list[float]) -> tuple[float, float, float]:
-    vals = [v for v in values if v == v]
-    return (statistics.median(vals), min(vals), max(vals)) if vals else (float("nan"),) * 3
-
-
-def fmt(values: list[float], spec: str = ".1f") -> str:
-    m, lo, hi = med(values)
-    return f"{m:{spec}} [{lo:{spec}}-{hi:{spec}}]"
 
 
 def single_round(raw: Raw, mid: str, prompt: list[int], n: int, rnd: int) -> dict:
@@ -365,18 +357,6 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     return i if i is not None else (None if len(a) == len(b) else min(len(a), len(b)))
 
-
-def git_rev() -> str:
-    """The checkout's commit, with ``+dirty`` when erllama/ has uncommitted changes."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "erllama"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
