@@ -167,7 +167,8 @@ class Application:
                          cfg.namespace)
             ref = ModelActor.start(model_id, backend, cfg.prefill_chunk, cache=self.cache, key_meta=km,
                                    policy=cfg.policy or self.config.policy, tier=cfg.tier,
-                                   observed=self.observed[model_id])
+                                   observed=self.observed[model_id],
+                                   redirect=lambda req: self._redirect(model_id, req))
         except BaseException:
             backend.close()
             raise
@@ -296,6 +297,23 @@ class Application:
                          cfg.isolation, self.restarts.get(model_id, 0), obs.last_cache_hit, loaded.get("quant"),
                          loaded.get("fingerprint"), loaded.get("loaded_at", 0.0), obs.last_failure,
                          obs.last_exit_signal, loaded.get("pid"), cfg)
+
+    def _redirect(self, model_id: str, req: Request) -> None:
+        """A request that reached a model actor as it died, unprocessed: send it to the
+        restarted actor (from another thread: the dying actor must not wait for its
+        successor), or fail it when the model is gone."""
+
+        def resubmit() -> None:
+            try:
+                if self.stopping or model_id in self.unloading:
+                    raise errors.ModelCrashed(f"model {model_id!r} was unloaded or stopped")
+                self.ref(model_id, timeout=60).tell(Submit(req))
+            except (errors.ErllamaError, pykka.ActorDeadError) as exc:
+                req.finished = True
+                req.sink(exc if isinstance(exc, errors.ErllamaError) else
+                         errors.ModelCrashed(f"model {model_id!r} stopped before the request ran"))
+
+        threading.Thread(target=resubmit, name=f"erllama-redirect-{req.id}", daemon=True).start()
 
     def _longest_prefix(self, model_id: str, tokens: Any) -> int:
         return self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60)

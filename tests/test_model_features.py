@@ -353,3 +353,26 @@ def test_a_worker_that_died_while_idle_fails_one_request_then_restarts(app, tiny
     assert erllama.complete(mid, "hello", max_tokens=3).tokens == ok.tokens
     info = erllama.model_info(mid)
     assert info.restarts == 1 and info.last_exit_signal == "SIGKILL" and info.worker_pid != pid
+
+
+def test_ram_rows_and_shutdown_saves_outlive_the_application(tmp_path, tiny_path):
+    opts = dict(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "s"), policy=POLICY)
+    with erllama.running(**opts):
+        mid = load(tiny_path, model_id="m")  # tier "ram": the process's own memory
+        prompt = erllama.tokenize(mid, "a session that survives a restart " * 3)
+        first = erllama.complete(mid, prompt, max_tokens=5, session_id="s")
+        context = prompt + list(first.tokens)[:-1]
+    # at stop, the ram rows (and the pinned session's shutdown save) moved to ram_file
+    with erllama.running(**opts):
+        mid = load(tiny_path, model_id="m")
+        assert erllama.complete(mid, prompt, max_tokens=5).cache_hit == "exact"
+        nxt = erllama.complete(mid, context + [9, 10], max_tokens=2)
+        assert nxt.cache_hit == "partial" and nxt.cache_delta.read == len(context)
+
+
+def test_a_request_sent_as_the_model_dies_runs_on_its_successor(app, tiny_path):
+    mid = load(tiny_path)
+    erllama.whereis(mid).tell("crash")
+    # queued behind the crash in the dying actor's inbox: it never ran, so it is resubmitted
+    c = erllama.complete(mid, "hello", max_tokens=3)
+    assert len(c.tokens) == 3 and erllama.model_info(mid).restarts == 1

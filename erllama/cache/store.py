@@ -133,10 +133,34 @@ class CacheStore:
         """Wait until every save handed to the writer pool has landed (or failed)."""
         return self.writer.wait_idle(timeout)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish queued saves, then stop the meta server."""
+    def close(self, timeout: float = 30.0, *, persist: bool = True) -> None:
+        """Finish queued saves, move the ``ram`` rows to the slower tiers (``persist``:
+        the ram tier dies with the process), then stop the meta server."""
         self.writer.shutdown(wait=True)
+        if persist:
+            self.persist_ram(timeout)
         supervision.stop_supervisor(self._sup, timeout)
+
+    def persist_ram(self, timeout: float = 30.0) -> int:
+        """Demote every ``ram`` row, most recently used first, to the next slower tier with
+        room (a row with no room anywhere is dropped, as it would be with the process);
+        stops after ``timeout`` seconds. Returns the rows moved."""
+        if "ram" not in self.tiers or len(self.tiers) == 1:
+            return 0
+        deadline = time.monotonic() + timeout
+        rows = sorted((r for r in list(self.index.rows.values()) if r.tier == "ram"),
+                      key=lambda r: r.last_used, reverse=True)
+        before = self.stats.get("demotions")
+        for row in rows:
+            if time.monotonic() > deadline:
+                logger.warning("cache close: %d ram rows not persisted within %s s", len(rows), timeout)
+                break
+            try:
+                self._demote(row)
+            except Exception as exc:  # the meta server went away: nothing more to move
+                logger.warning("cache close: persisting %s failed: %s", row.key.hex()[:16], exc)
+                break
+        return self.stats.get("demotions") - before
 
     @property
     def index(self) -> Index:
