@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import threading
@@ -30,7 +29,8 @@ from erllama.backend.factory import open_backend
 from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
 from erllama.cache.store import CacheStore
 from erllama.config import AppConfig, ModelConfig
-from erllama.messages import LongestPrefix, Phase, QueueDepth, Submit
+from erllama.filestore import file_identity, read_json, write_json
+from erllama.messages import LongestPrefix, Submit
 from erllama.model.actor import ModelActor, Observed
 from erllama.model.request import Request, RequestParams
 from erllama.stream import Stream
@@ -185,25 +185,20 @@ class Application:
         mtime, inode) in the cache directory."""
         if isinstance(cfg.fingerprint, bytes):
             return cfg.fingerprint
-        st = os.stat(path)
-        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        ident = f"{os.path.realpath(path)}|{file_identity(path)}"
         if cfg.fingerprint != "file":
             ident = f"{cfg.fingerprint}|{ident}"
         store = Path(self.config.cache_dir) / "fingerprints.json"
         with _lock:
-            try:
-                known = json.loads(store.read_text())
-            except (OSError, ValueError):
-                known = {}
-            if ident in known:
-                return bytes.fromhex(known[ident])
-        digest = _chunked_digest(path, st.st_size) if cfg.fingerprint == "gguf_chunked" else _file_digest(path)
-        with _lock:
-            known[ident] = digest.hex()
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, store)
+            known = read_json(store).get(ident)
+        if known is not None:
+            return bytes.fromhex(known)
+        if cfg.fingerprint == "gguf_chunked":
+            digest = _chunked_digest(path, os.path.getsize(path))
+        else:
+            digest = _file_digest(path)
+        with _lock:  # re-read: another load may have added its own entry meanwhile
+            write_json(store, {**read_json(store), ident: digest.hex()})
         return digest
 
     def stop(self, timeout: float = 30.0) -> None:

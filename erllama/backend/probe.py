@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from erllama import errors
+from erllama.filestore import file_identity, read_json, write_json
 
 __all__ = ["ProbeResult", "ensure_probed", "probe_file", "probe_params", "probe_stats"]
 
@@ -140,9 +141,8 @@ def ensure_probed(path: str | os.PathLike[str], config: Any, *, cache_dir: str |
     Raises ``FileNotFoundError`` for a missing path, ``MalformedGGUF`` when the child died,
     the child's own ``erllama.errors`` class for a clean failure, and ``LoadFailed`` on timeout.
     """
-    st = os.stat(path)
+    ident = file_identity(path)
     real = os.path.realpath(path)
-    ident = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
     key = json.dumps(probe_params(config), sort_keys=True)
     store = Path(cache_dir) / "probes.json" if cache_dir is not None else None
     with _lock:
@@ -187,22 +187,12 @@ def _error(name: str | None) -> type[Exception]:
 
 
 def _load(store: Path | None) -> dict[str, Any]:
-    if store is None:
-        return _memory
-    try:
-        data = json.loads(store.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return _memory if store is None else read_json(store)
 
 
 def _save(store: Path | None, known: dict[str, Any]) -> None:
-    if store is None:
-        return
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, store)
+    if store is not None:
+        write_json(store, known)
 
 
 def _last_relevant(stderr: str) -> str | None:

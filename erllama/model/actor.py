@@ -437,18 +437,17 @@ class ModelActor(supervision.Actor):
             self.actor_ref.tell(_Tick())
 
     def _tick(self) -> None:
-        for req in [r for r in self.pending if r.cancelled.is_set()]:
-            self.pending.remove(req)
-            self._finish(req, "cancelled")
-        for req in [r for r in self.running.values() if r.cancelled.is_set()]:
-            self._finish(req, "cancelled")
         now = time.perf_counter()
-        for req in [r for r in (*self.pending, *self.running.values()) if r.deadline < now]:
+        for req in [r for r in (*self.pending, *self.running.values())
+                    if r.cancelled.is_set() or r.deadline < now]:
             if req.seq is None:
                 self.pending.remove(req)
-            self._fail(req, errors.RequestTimeout(
-                f"request {req.id} did not finish within timeout={req.params.timeout} s "
-                f"({req.phase}, {len(req.generated)} tokens generated)"))
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+            else:
+                self._fail(req, errors.RequestTimeout(
+                    f"request {req.id} did not finish within timeout={req.params.timeout} s "
+                    f"({req.phase}, {len(req.generated)} tokens generated)"))
         self._admit()
         work = [SeqWork(r.seq, r.order, decode=r.next_token is not None, prefill=len(r.cursor))
                 for r in self.running.values()]
