@@ -376,3 +376,17 @@ def test_a_request_sent_as_the_model_dies_runs_on_its_successor(app, tiny_path):
     # queued behind the crash in the dying actor's inbox: it never ran, so it is resubmitted
     c = erllama.complete(mid, "hello", max_tokens=3)
     assert len(c.tokens) == 3 and erllama.model_info(mid).restarts == 1
+
+
+def test_a_query_that_finds_the_worker_dead_restarts_the_model(app, tiny_path):
+    import os
+    import signal
+
+    mid = load(tiny_path, isolation="process")
+    ok = erllama.complete(mid, "hello", max_tokens=3)
+    os.kill(erllama.model_info(mid).worker_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(errors.ModelCrashed):
+        erllama.embed(mid, "hello")
+    assert erllama.complete(mid, "hello", max_tokens=3).tokens == ok.tokens
+    assert erllama.model_info(mid).restarts == 1

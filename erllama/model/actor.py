@@ -56,6 +56,11 @@ class _Tick:
     pass
 
 
+@dataclass(frozen=True)
+class _Die:
+    exc: BaseException
+
+
 @dataclass
 class Observed:
     """What the actor publishes for lock-free reads (plain attribute reads from any thread)."""
@@ -136,9 +141,17 @@ class ModelActor(supervision.Actor):
             self._submit(message.request)
             self._publish()
             return None
+        if isinstance(message, _Die):
+            raise message.exc
         handler = self._queries.get(type(message))
         if handler is not None:
-            return handler(message)
+            try:
+                return handler(message)
+            except errors.ModelCrashed as exc:
+                # an ask returns its error to the caller and pykka keeps the actor: fail it
+                # with a message of its own, so the supervisor brings up a new backend
+                self.actor_ref.tell(_Die(exc))
+                raise
         if message == "crash":  # fault injection for supervision tests
             raise RuntimeError(f"model {self.model_id!r}: injected crash")
         logger.warning("model %s ignores an unexpected message %r", self.model_id, message)
