@@ -20,7 +20,7 @@ bench: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel "Cython>=3.0,<4" cmake ninja numpy
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel "Cython>=3.0,<4" cmake ninja numpy
 
 # Editable install: Python changes apply at once; native sources rebuild the extension
 # (llama.cpp itself comes from the build cache, see setup.py).

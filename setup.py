@@ -6,6 +6,8 @@ Environment:
   ERLLAMA_LINK_ARGS      extra linker arguments for the extension (e.g. "-lcuda -lcudart")
   ERLLAMA_BUILD_CACHE    where built llama.cpp libraries are cached
                          (default: $XDG_CACHE_HOME/erllama-build or ~/.cache/erllama-build)
+  ERLLAMA_AMX            "1" compiles ggml's Intel AMX kernels (off by default: they crash
+                         on Q4_K models on some AMX CPUs, llama.cpp#20824)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -35,6 +38,13 @@ SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_PREFIX = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 SKIP_DIRS = ("models/", "docs/", "tools/ui/", "media/", ".github/", ".devops/")
+
+# ggml's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on the first prefill of
+# Q4_K_M models on some AMX CPUs (llama.cpp#20824). GGML_NATIVE's -march=native turns them on
+# wherever the CPU has AMX, so the default build turns the AMX ISA off again; GCC and Clang
+# keep an explicit -mno-* over what -march implies. Every other native feature stays.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+PYPI_JSON = "https://pypi.org/pypi/{name}/{version}/json"
 
 BASE_CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -86,13 +96,17 @@ def fetch_sdist() -> Path:
     path = src_dir / SDIST_FILE
     if not path.exists():
         log(f"downloading {SDIST_PACKAGE}=={SDIST_VERSION} sdist (llama.cpp source)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--no-binary", SDIST_PACKAGE, f"{SDIST_PACKAGE}=={SDIST_VERSION}",
-               "-d", str(src_dir)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not path.exists():
+        problems = []
+        for how in (_download_with_pip, _download_with_urllib):
+            try:
+                how(src_dir)
+            except Exception as exc:  # noqa: BLE001 - the next way is tried, then all are reported
+                problems.append(f"{how.__name__[10:]}: {exc}")
+            if path.exists():
+                break
+        else:
             raise BuildError(
-                f"could not download {SDIST_PACKAGE}=={SDIST_VERSION}: {res.stderr.strip()[-2000:]}\n"
+                f"could not download {SDIST_PACKAGE}=={SDIST_VERSION}: " + "; ".join(problems)[-2000:] + "\n"
                 "Set ERLLAMA_LLAMA_CPP_DIR to an existing llama.cpp tree to build without it.")
     got = sha256_file(path)
     if got != SDIST_SHA256:
@@ -102,6 +116,31 @@ def fetch_sdist() -> Path:
             f"sha256 mismatch for {path.name}: expected {SDIST_SHA256}, got {got}; "
             f"the file was moved to {bad}. Refusing to build from an unverified source.")
     return path
+
+
+def _download_with_pip(dest: Path) -> None:
+    """``pip download`` (honours the user's pip configuration: index, proxy, certificates).
+    pip is a build requirement, so it is importable inside an isolated build environment too."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+           "--no-binary", SDIST_PACKAGE, f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", str(dest)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(res.stderr.strip()[-1000:] or f"exit {res.returncode}")
+
+
+def _download_with_urllib(dest: Path) -> None:
+    """The sdist's URL from PyPI's JSON API, fetched with the standard library (no pip needed)."""
+    api = PYPI_JSON.format(name=SDIST_PACKAGE, version=SDIST_VERSION)
+    with urllib.request.urlopen(api, timeout=60) as r:
+        urls = json.load(r)["urls"]
+    url = next(u["url"] for u in urls if u["filename"] == SDIST_FILE)
+    tmp = dest / f".{SDIST_FILE}.{os.getpid()}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+        tmp.replace(dest / SDIST_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def extract_llama(sdist: Path) -> None:
@@ -152,8 +191,36 @@ def llama_source() -> tuple[Path, str]:
     return LLAMA_DIR, "sdist-" + SDIST_SHA256
 
 
+def amx_requested() -> bool:
+    """True when ``ERLLAMA_AMX`` asks for ggml's AMX kernels (``1``/``on``/``true``/``yes``)."""
+    return os.environ.get("ERLLAMA_AMX", "").strip().lower() in ("1", "on", "true", "yes")
+
+
+def cpu_flag_args() -> list[str]:
+    """Compiler flags that keep the native build away from known-broken kernels (AMX, unless
+    opted in). Only on x86-64, and only where the compiler knows the flags."""
+    if amx_requested() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if not _compiler_accepts(NO_AMX_FLAGS.split()):
+        return []  # a compiler that cannot turn AMX off cannot emit it either
+    return [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
+
+
+def _compiler_accepts(flags: list[str]) -> bool:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return True
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.c"
+        src.write_text("int main(void) { return 0; }\n")
+        res = subprocess.run([*shlex.split(cc), *flags, "-c", str(src), "-o", str(Path(d) / "t.o")],
+                             capture_output=True)
+    return res.returncode == 0
+
+
 def cmake_args() -> list[str]:
-    return BASE_CMAKE_ARGS + shlex.split(os.environ.get("ERLLAMA_CMAKE_ARGS", ""))
+    """The CMake arguments of the llama.cpp build: the fixed ones, the CPU flags, then the user's."""
+    return BASE_CMAKE_ARGS + cpu_flag_args() + shlex.split(os.environ.get("ERLLAMA_CMAKE_ARGS", ""))
 
 
 def machine_id() -> str:
@@ -184,6 +251,7 @@ def build_llama() -> dict:
         info = json.loads(info_file.read_text())
         if all(Path(p).exists() for p in info["libs"]):
             log(f"reusing cached llama.cpp build {out}")
+            info["key"] = key
             info["src"] = str(src)
             info["openmp"] = uses_openmp(info["libs"])
             return info
@@ -208,7 +276,7 @@ def build_llama() -> dict:
         dst = staging / "lib" / a.name
         shutil.copy2(a, dst)
         libs.append(str(out / "lib" / a.name))
-    info = {"libs": libs, "cmake_args": args, "source": source_id}
+    info = {"libs": libs, "cmake_args": args, "source": source_id, "key": key}
     (staging / "build.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -237,20 +305,66 @@ def link_order(libs: list[str]) -> list[str]:
     return sorted(libs, key=rank)
 
 
+def write_build_info(info: dict, gen_dir: Path) -> Path:
+    """Write ``erl_buildinfo.h``: the build's facts as a JSON string the extension returns from
+    ``_native.build_info()`` (``erllama doctor`` shows it). Rewritten only when it changes, so
+    an unchanged build does not recompile the extension."""
+    facts = {
+        "source": info["source"],
+        "cache_key": info["key"],
+        "cache_dir": str(cache_root() / f"llama-{info['key']}"),
+        "cmake_args": info["cmake_args"],
+        "amx_requested": amx_requested(),
+        "no_amx_flags": any(NO_AMX_FLAGS in a for a in info["cmake_args"]),
+        "openmp": info["openmp"],
+        "machine": platform.machine(),
+        "compiler": _compiler_version(),
+        "built_for_cpu": _cpu_model(),
+    }
+    data = json.dumps(facts, sort_keys=True).encode()
+    body = ", ".join(str(b) for b in data)
+    text = ("/* generated by setup.py: the facts of this build (do not edit) */\n"
+            f"static const char ERL_BUILD_INFO[] = {{{body}, 0}};\n")
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    header = gen_dir / "erl_buildinfo.h"
+    if not header.exists() or header.read_text() != text:
+        header.write_text(text)
+    return header
+
+
+def _compiler_version() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return "unknown"
+    out = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 class BuildExt(build_ext):
     """Build llama.cpp first, then compile the Cython module against it."""
 
     def run(self):
         info = build_llama()
         src = Path(info["src"])
+        header = write_build_info(info, Path(self.build_temp) / "erllama-gen")
         link = ["-Wl,--start-group", *link_order(info["libs"]), "-Wl,--end-group", "-lstdc++", "-lm", "-pthread"]
         if info["openmp"]:
             link.append("-fopenmp")
         link += shlex.split(os.environ.get("ERLLAMA_LINK_ARGS", ""))
         for ext in self.extensions:
-            ext.include_dirs += [str(src / "include"), str(src / "ggml" / "include")]
+            ext.include_dirs += [str(header.parent), str(src / "include"), str(src / "ggml" / "include")]
             ext.extra_link_args += link
-            ext.depends += info["libs"]
+            ext.depends += [*info["libs"], str(header)]
         super().run()
 
 

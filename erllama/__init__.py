@@ -20,7 +20,7 @@ __all__ = [
     "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict", "infer",
     "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",
     "phase", "prefill_only", "queue_depth", "running", "set_adapter_scale", "shutdown", "start", "status", "stop",
-    "tokenize", "unload", "unload_adapter", "whereis",
+    "system_info", "tokenize", "unload", "unload_adapter", "whereis",
 ]
 
 
@@ -34,6 +34,15 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module("erllama.messages")
     raise AttributeError(f"module 'erllama' has no attribute {name!r}")
+
+
+def system_info(*, check: bool = True, refresh: bool = False) -> dict[str, Any]:
+    """What this runtime is: llama.cpp's system info, the CPU features compiled in and the
+    ones the CPU has, the build's flags, source and build-cache key, and (``check``) the
+    outcome of the runtime self-check (see :mod:`erllama.sysinfo`)."""
+    from erllama import sysinfo
+
+    return sysinfo.system_info(check=check, refresh=refresh)
 
 
 def _app() -> Any:
@@ -214,17 +223,22 @@ def embed(model_id: str, text_or_tokens: Any, *, normalize: bool = True) -> Any:
 def load_adapter(model_id: str, path: Any) -> str:
     """Load a LoRA adapter at scale 1.0; returns its handle. Requests admitted from now on
     run with it (running requests finish under the old set first), and their cache rows
-    are keyed by the new effective fingerprint."""
+    are keyed by the new effective fingerprint. Under ``isolation="probe"`` a child process
+    loads and applies the adapter first (``errors.MalformedGGUF`` if it dies on it)."""
     import hashlib
     import os
 
+    from erllama.backend.factory import check_adapter
     from erllama.messages import LoadAdapter
 
+    app = _app()
+    info = app.info(model_id)  # ModelNotFound before any work
     path = os.fspath(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:  # FileNotFoundError names the path
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    check_adapter(info.path, path, info.config, cache_dir=app.config.cache_dir)
     return _ask(model_id, LoadAdapter(path, h.digest()), timeout=600)
 
 

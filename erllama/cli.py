@@ -59,6 +59,38 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from erllama import sysinfo
+
+    info = sysinfo.system_info(check=not args.no_check, refresh=args.recheck)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        build, amx = info["build"], info["amx"]
+        print(f"erllama     {info['erllama']} on Python {info['python']} ({info['platform']})")
+        print(f"cpu         {info['cpu']['model']}")
+        print(f"cpu flags   {' '.join(info['cpu']['flags']) or '(none of interest)'}")
+        print(f"compiled    {' '.join(k for k, v in info['compiled'].items() if v)}")
+        print(f"llama.cpp   {info['llama_cpp']}")
+        print(f"source      {build.get('source', '?')}")
+        print(f"build key   {build.get('cache_key', '?')} ({build.get('cache_dir', '?')})")
+        print(f"cmake args  {' '.join(build.get('cmake_args', []))}")
+        print(f"compiler    {build.get('compiler', '?')}; built on {build.get('built_for_cpu', '?')}")
+        print(f"amx         cpu has it: {amx['cpu_has']}; kernels compiled: {amx['compiled']}; "
+              f"requested (ERLLAMA_AMX): {amx['requested']}")
+        check = info.get("selfcheck")
+        if check is not None:
+            if check["ok"]:
+                verdict = "ok"
+            else:
+                verdict = f"FAILED at stage {check['stage']!r}: {check['message']}"
+            print(f"self-check  {verdict} ({check['seconds']:.2f} s{', cached' if check['cached'] else ''})")
+    check = info.get("selfcheck")
+    return 0 if check is None or check["ok"] else 1
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from erllama import demo
 
@@ -95,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["stats", "gc"])
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("doctor", help="what this runtime is (build, CPU features compiled in and present, "
+                                      "build-cache key) and whether it decodes a known-good model here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--recheck", action="store_true", help="run the self-check now instead of using its cache")
+    p.add_argument("--no-check", action="store_true", help="skip the self-check")
+    p.set_defaults(func=_cmd_doctor)
     p = sub.add_parser("bench", help="cold vs warm time to first token on the default model")
     p.add_argument("--prompt-tokens", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--threads", type=int, default=None)

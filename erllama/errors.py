@@ -39,6 +39,7 @@ __all__ = [
     "NoLogits",
     "StateError",
     "NativeError",
+    "RuntimeBroken",
 ]
 
 
@@ -170,6 +171,28 @@ class StateError(ErllamaError):
 
 class NativeError(ErllamaError):
     """llama.cpp raised a C++ exception the binding did not expect; the message names the call."""
+
+
+class RuntimeBroken(NativeError):
+    """This build of erllama cannot decode on this CPU: a child process died on a model file
+    *and* on the known-good self-check model (see ``erllama doctor``). The file is not to
+    blame (this is deliberately not a :class:`MalformedGGUF`). ``signal`` names the signal
+    that killed the self-check, ``stage`` where it died, ``features`` the CPU features the
+    build has compiled in."""
+
+    def __init__(self, message: str, *, signal: str | None = None, stage: str | None = None,
+                 features: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
+        self.stage = stage
+        self.features = list(features or ())
+
+    def __reduce__(self):  # keep the attributes through pickling (keyword-only arguments)
+        return (_runtime_broken, (self.args[0] if self.args else "", self.signal, self.stage, self.features))
+
+
+def _runtime_broken(message: str, signal: str | None, stage: str | None, features: list[str]) -> RuntimeBroken:
+    return RuntimeBroken(message, signal=signal, stage=stage, features=features)
 
 
 def _worker_died(message: str, signal: str | None, exitcode: int | None) -> WorkerDied:

@@ -7,8 +7,8 @@ reaches the ``load``, ``context``, ``tokenize`` and ``decode`` stages, so those 
 tested here, each twice: under ``"probe"`` in this process (refused, and we live), and under
 ``"none"`` in a child interpreter (which dies by the signal), so the test shows that the
 isolation is what saves us. The 6 ``adapter_load`` / ``adapter_decode`` cases are LoRA files
-for a valid base model: a probe opens only the base model, never adapters, so it cannot
-reach them (``load_adapter`` is not isolated by ``"probe"``; only ``"process"`` covers it).
+for a valid base model: a model probe never opens adapters; ``load_adapter`` runs an adapter
+probe of its own (``tests/test_isolation_adapter_probe.py``).
 
 The ``"none"`` children run two at a time on a thread pool while the probe tests go on.
 """

@@ -3,7 +3,9 @@
 ``"none"`` builds the configured backend class in this process. ``"probe"`` first has a
 short-lived child process load the file (``backend.probe``) and raises ``MalformedGGUF``
 if the child dies, then loads in this process. ``"process"`` runs the backend in a worker
-process for its whole life (``backend.process``).
+process for its whole life (``backend.process``). ``check_adapter`` does the same for a LoRA
+adapter before ``load_adapter``: under ``"probe"`` a child loads the model with the adapter
+applied first (``backend.probe.ensure_adapter_probed``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from erllama import errors
 from erllama.backend.protocol import Backend
 
-__all__ = ["backend_class", "open_backend"]
+__all__ = ["backend_class", "check_adapter", "open_backend"]
 
 
 def backend_class(name: str) -> Any:
@@ -51,3 +53,18 @@ def open_backend(path: str | os.PathLike[str], config: Any, *, cache_dir: str | 
         if ensure_probed is not None:
             ensure_probed(path, config, cache_dir=cache_dir)
     return backend_class(config.backend)(path, config)
+
+
+def check_adapter(model_path: str | os.PathLike[str], adapter_path: str | os.PathLike[str], config: Any, *,
+                  cache_dir: str | None = None) -> None:
+    """Before a model loaded from ``model_path`` under ``config`` loads the LoRA ``adapter_path``:
+    under ``isolation="probe"`` (llama backend), a probe child loads and applies it first and a
+    failure raises here (``MalformedGGUF`` when the child died); otherwise nothing to do
+    (``"none"`` is not protected, ``"process"`` loads adapters in the model's worker)."""
+    if config.isolation != "probe" or config.backend != "llama":
+        return
+    try:
+        from erllama.backend.probe import ensure_adapter_probed
+    except ImportError:
+        return
+    ensure_adapter_probed(model_path, adapter_path, config, cache_dir=cache_dir)

@@ -9,7 +9,15 @@ host as the same ``erllama.errors`` class; a child that dies (GGML_ASSERT → SI
 segfault, an abnormal exit) becomes :class:`~erllama.errors.MalformedGGUF` naming the signal,
 the stage and the last llama.cpp line, and the host never loads the file.
 
-Outcomes are cached per file identity (realpath, size, mtime_ns, inode) and probed parameters,
+An adapter probe (``python -m erllama.backend.probe MODEL PARAMS_JSON ADAPTER``, run by
+:func:`ensure_adapter_probed` before ``load_adapter`` under ``"probe"``) loads the model and the
+LoRA (stage ``adapter_load``), creates the same small context, applies the adapter at scale 1.0
+and decodes, samples and decodes (stage ``adapter_decode``). Its outcomes are reported the same
+way. Every death of a probe child, model or adapter, is classified by one function,
+:func:`_died`.
+
+Outcomes are cached per file identity (realpath, size, mtime_ns, inode) and probed parameters
+(for an adapter: the adapter's identity, the model's realpath and identity, and the parameters),
 in ``cache_dir/probes.json`` or, without a cache directory, in this process only.
 """
 
@@ -29,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from erllama import errors
+from erllama.backend import faults, selfcheck
 from erllama.filestore import file_identity, read_json, write_json
 
-__all__ = ["ProbeResult", "ensure_probed", "probe_file", "probe_params", "probe_stats"]
+__all__ = ["ProbeResult", "ensure_adapter_probed", "ensure_probed", "probe_adapter_file", "probe_file",
+           "probe_params", "probe_stats"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "context", "tokenize", "decode")
+ADAPTER_STAGES = ("load", "adapter_load", "context", "tokenize", "adapter_decode")  # with an adapter
 PROBE_N_CTX = 256  # llama.cpp pads a sequence to 256 cells anyway
 PROBE_TEXT = "Hello, world"
 DEFAULT_TIMEOUT = 300.0
@@ -88,14 +99,29 @@ def probe_file(path: str | os.PathLike[str], config: Any, *, timeout: float | No
     ``timeout`` defaults to ``$ERLLAMA_PROBE_TIMEOUT`` or 300 s; past it the child is killed
     and :class:`~erllama.errors.LoadFailed` is raised.
     """
+    path = os.fspath(path)
+    return _run_child([path, json.dumps(probe_params(config))], repr(path), "file", timeout)
+
+
+def probe_adapter_file(model_path: str | os.PathLike[str], adapter_path: str | os.PathLike[str], config: Any, *,
+                       timeout: float | None = None) -> ProbeResult:
+    """Run one adapter probe child now (no cache): ``model_path`` under ``config``'s probe
+    parameters with the LoRA ``adapter_path`` applied; the same ``timeout`` as :func:`probe_file`."""
+    model_path, adapter_path = os.fspath(model_path), os.fspath(adapter_path)
+    return _run_child([model_path, json.dumps(probe_params(config)), adapter_path],
+                      f"adapter {adapter_path!r} (on model {model_path!r})", "adapter", timeout)
+
+
+def _run_child(argv: list[str], subject: str, kind: str, timeout: float | None) -> ProbeResult:
+    """Run ``python -m erllama.backend.probe *argv`` and turn its exit into a ProbeResult;
+    ``subject`` names what is probed in messages, ``kind`` (``file``/``adapter``) what the host refuses."""
     if timeout is None:
         timeout = float(os.environ.get("ERLLAMA_PROBE_TIMEOUT", DEFAULT_TIMEOUT))
-    params = probe_params(config)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     env["GGML_NO_BACKTRACE"] = "1"  # ggml would otherwise attach gdb for a backtrace on abort
-    args = [sys.executable, "-m", "erllama.backend.probe", os.fspath(path), json.dumps(params)]
+    args = [sys.executable, "-m", "erllama.backend.probe", *argv]
     t0 = time.monotonic()
     with _lock:
         _stats["children"] += 1
@@ -104,7 +130,7 @@ def probe_file(path: str | os.PathLike[str], config: Any, *, timeout: float | No
         r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            errors="replace", timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise errors.LoadFailed(f"probe of {os.fspath(path)!r} did not finish within {timeout:g} s "
+        raise errors.LoadFailed(f"probe of {subject} did not finish within {timeout:g} s "
                                 f"(ERLLAMA_PROBE_TIMEOUT); the child was killed") from None
     seconds = time.monotonic() - t0
     with _lock:
@@ -118,20 +144,31 @@ def probe_file(path: str | os.PathLike[str], config: Any, *, timeout: float | No
     if r.returncode == 0 and report is not None:
         result = ProbeResult(report["ok"], seconds, report.get("stage"), report.get("error"), report.get("message"))
     else:
-        if r.returncode < 0:
-            try:
-                how = signal.Signals(-r.returncode).name
-            except ValueError:
-                how = f"signal {-r.returncode}"
-        else:
-            how = f"exit code {r.returncode}"
-        line = _last_relevant(r.stderr)
-        result = ProbeResult(False, seconds, stage, "MalformedGGUF",
-                             f"{os.fspath(path)!r}: the probe process died by {how} at stage {stage!r}; "
-                             f"the host will not load this file. Last llama.cpp line: {line or '(none)'}",
-                             how if r.returncode < 0 else None, r.returncode)
-    log.debug("probe of %s: %s in %.3f s", os.fspath(path), "ok" if result.ok else result.error, seconds)
+        result = _died(subject, kind, r.returncode, stage, r.stderr, seconds)
+    log.debug("probe of %s: %s in %.3f s", subject, "ok" if result.ok else result.error, seconds)
     return result
+
+
+def _died(subject: str, kind: str, returncode: int, stage: str | None, stderr: str, seconds: float) -> ProbeResult:
+    """The one classification of a probe child (model or adapter) that died by a signal or
+    exited abnormally (``returncode`` non-zero, or zero without a RESULT line): ``subject``
+    names what was probed, ``kind`` what the host will not load, ``stage`` is the last stage
+    the child announced and ``stderr`` its whole standard error."""
+    if returncode < 0:
+        try:
+            how = signal.Signals(-returncode).name
+        except ValueError:
+            how = f"signal {-returncode}"
+    else:
+        how = f"exit code {returncode}"
+    # before blaming the file, know that this build decodes a known-good model on this CPU:
+    # RuntimeBroken propagates, and is not cached as the file's outcome
+    selfcheck.blame(subject, how, stage)
+    line = _last_relevant(stderr)
+    return ProbeResult(False, seconds, stage, "MalformedGGUF",
+                       f"{subject}: the probe process died by {how} at stage {stage!r}; "
+                       f"the host will not load this {kind}. Last llama.cpp line: {line or '(none)'}",
+                       how if returncode < 0 else None, returncode)
 
 
 def ensure_probed(path: str | os.PathLike[str], config: Any, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
@@ -141,9 +178,31 @@ def ensure_probed(path: str | os.PathLike[str], config: Any, *, cache_dir: str |
     Raises ``FileNotFoundError`` for a missing path, ``MalformedGGUF`` when the child died,
     the child's own ``erllama.errors`` class for a clean failure, and ``LoadFailed`` on timeout.
     """
+    key = json.dumps(probe_params(config), sort_keys=True)
+    _ensure(path, key, cache_dir, lambda: probe_file(path, config))
+
+
+def ensure_adapter_probed(model_path: str | os.PathLike[str], adapter_path: str | os.PathLike[str], config: Any, *,
+                          cache_dir: str | os.PathLike[str] | None = None) -> None:
+    """Return if the LoRA ``adapter_path`` passed a probe on ``model_path`` under ``config``'s
+    parameters, else raise what it failed with (as :func:`ensure_probed`; a child that died
+    gives ``MalformedGGUF`` naming the adapter, the signal, the stage ``adapter_load`` or
+    ``adapter_decode`` and the last llama.cpp line).
+
+    The outcome is cached under the adapter's file identity, keyed by the model's realpath and
+    identity and the probe parameters: a changed adapter or model file is probed again.
+    """
+    key = json.dumps({"adapter_of": os.path.realpath(model_path), "model_ident": file_identity(model_path),
+                      **probe_params(config)}, sort_keys=True)
+    _ensure(adapter_path, key, cache_dir, lambda: probe_adapter_file(model_path, adapter_path, config))
+
+
+def _ensure(path: str | os.PathLike[str], key: str, cache_dir: str | os.PathLike[str] | None,
+            run: Any) -> None:
+    """The probe cache: the record under ``path``'s identity and ``key``, else ``run()``'s
+    (kept when :func:`_cacheable`); raises the recorded error of a failed probe."""
     ident = file_identity(path)
     real = os.path.realpath(path)
-    key = json.dumps(probe_params(config), sort_keys=True)
     store = Path(cache_dir) / "probes.json" if cache_dir is not None else None
     with _lock:
         entry = _load(store).get(real)
@@ -151,7 +210,7 @@ def ensure_probed(path: str | os.PathLike[str], config: Any, *, cache_dir: str |
         if record is not None:
             _stats["cache_hits"] += 1
     if record is None:
-        result = probe_file(path, config)
+        result = run()
         record = result.record()
         if _cacheable(result):
             with _lock:
@@ -200,8 +259,9 @@ def _last_relevant(stderr: str) -> str | None:
     return next((ln for ln in reversed(lines) if any(w in ln for w in _ABORT_WORDS)), lines[-1] if lines else None)
 
 
-def _child(path: str, params: dict[str, Any]) -> None:
-    """The probe itself, in the child: stage markers and one RESULT line on stdout."""
+def _child(path: str, params: dict[str, Any], adapter: str | None = None) -> None:
+    """The probe itself, in the child: stage markers and one RESULT line on stdout. With
+    ``adapter``, the LoRA is loaded after the model and applied before the decodes."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     logging.getLogger("erllama.llama").setLevel(logging.INFO)  # context for a crash with no assert line
     from erllama.backend.llama import native
@@ -211,6 +271,10 @@ def _child(path: str, params: dict[str, Any]) -> None:
         stage = "load"
         print("STAGE load", flush=True)
         model = native.Model.load(path, n_gpu_layers=params["n_gpu_layers"])
+        if adapter is not None:
+            stage = "adapter_load"
+            print("STAGE adapter_load", flush=True)
+            lora = native.Adapter.load(model, adapter)
         stage = "context"
         print("STAGE context", flush=True)
         n = params["n_ubatch"]
@@ -221,8 +285,11 @@ def _child(path: str, params: dict[str, Any]) -> None:
         stage = "tokenize"
         print("STAGE tokenize", flush=True)
         tokens = model.tokenize(PROBE_TEXT, add_special=True)[:n] or [0]
-        stage = "decode"
-        print("STAGE decode", flush=True)
+        stage = "decode" if adapter is None else "adapter_decode"
+        print(f"STAGE {stage}", flush=True)
+        if adapter is not None:
+            ctx.set_adapters([(lora, 1.0)])
+        faults.crash_point("decode")
         ctx.step([(0, tokens)])
         token = native.Sampler(model).sample(ctx, 0)
         ctx.step([(0, [token])])
@@ -235,4 +302,4 @@ def _child(path: str, params: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], json.loads(sys.argv[2]))
+    _child(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -41,7 +41,7 @@ import numpy as np
 
 import erllama
 from erllama import errors
-from erllama.backend import wire
+from erllama.backend import selfcheck, wire
 
 __all__ = ["ProcessBackend", "RemoteHandle"]
 
@@ -156,6 +156,8 @@ class ProcessBackend:
             line = _telling_line(list(self._tail))
             said = f"; llama.cpp said: {line}" if line else ""
             if self.exit_signal is not None:
+                # before blaming the file, know that this build decodes a known-good model here
+                selfcheck.blame(f"model {self.path!r} (its worker, pid {self.pid})", self.exit_signal, "load")
                 raise errors.MalformedGGUF(f"model {self.path!r} killed its worker process (pid {self.pid}) "
                                            f"while loading: {self.exit_signal}{said}") from None
             raise errors.LoadFailed(f"the worker process of model {self.path!r} (pid {self.pid}) "

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from erllama import errors
-from erllama.backend import wire
+from erllama.backend import faults, wire
 
 __all__ = ["ATTRIBUTES", "SavedStates", "Server", "main"]
 
@@ -348,6 +348,7 @@ def _first_decode(backend: Any) -> None:
         return
     sampler = backend.new_sampler({})
     try:
+        faults.crash_point("decode")
         backend.step([(0, tokens, True)])
         backend.step([(0, [backend.sample(sampler, 0)], True)])
     finally:

@@ -87,6 +87,17 @@ def system_info():
     return (<bytes>L.llama_print_system_info()).decode("utf-8", "replace")
 
 
+cdef extern from "erl_buildinfo.h":
+    const char *ERL_BUILD_INFO
+
+
+def build_info():
+    """The facts setup.py recorded when it built this extension, as a JSON string: the
+    llama.cpp source id, the CMake arguments, the build-cache key and directory, whether AMX
+    was requested, the compiler and the CPU it was built on."""
+    return (<bytes>ERL_BUILD_INFO).decode("utf-8", "replace")
+
+
 def max_parallel_sequences():
     """The largest ``n_seq_max`` a context accepts."""
     return L.llama_max_parallel_sequences()

@@ -33,13 +33,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+# the minimal writer lives in ggufwrite (no gguf package, no cases built at import)
+from erllama.testing.ggufwrite import (  # noqa: F401  (historical names of this module)
+    _ALIGN, _SCALAR_FMT, ARR, BOOL, F32, F64, GGML_F16, GGML_F32, GGML_Q4_0, I8, I16, I32, I64, KV, STR, U8, U16,
+    U32, U64, Spec, TensorSpec, _pad, _str, _tensor, _value, spec_bytes, write_spec,
+)
 from erllama.testing.tinymodel import N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, tiny_vocab, write_tiny_model
 
 __all__ = [
@@ -47,133 +52,7 @@ __all__ = [
     "ALL_CASES", "ADAPTER_CASES", "ABORT_CASES", "ABORT_LOG", "EXPECTED", "ADAPTER_EXPECTED", "probe",
 ]
 
-# GGUF value types (gguf.GGUFValueType)
-U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
-_SCALAR_FMT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f",
-               BOOL: "<?", U64: "<Q", I64: "<q", F64: "<d"}
-# ggml types
-GGML_F32, GGML_F16, GGML_Q4_0 = 0, 1, 2
-_ALIGN = 32
 HUGE = 2 ** 62
-
-
-# ---- a minimal GGUF writer with full control over every field -----------------------------
-
-@dataclass
-class KV:
-    key: str
-    vtype: int
-    value: Any
-    sub: int | None = None      # element type of an ARRAY
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    ne: tuple[int, ...]          # ggml order: ne[0] is the row length
-    data: bytes
-    ggml_type: int = GGML_F32
-    offset: int | None = None    # None: the correct aligned offset
-
-
-@dataclass
-class Spec:
-    """An editable GGUF: header fields, ordered KV pairs and tensors."""
-
-    kvs: list[KV] = field(default_factory=list)
-    tensors: list[TensorSpec] = field(default_factory=list)
-    magic: bytes = b"GGUF"
-    version: int = 3
-    n_tensors: int | None = None   # None: len(tensors)
-    n_kv: int | None = None        # None: len(kvs)
-
-    def get(self, key: str) -> KV | None:
-        return next((kv for kv in self.kvs if kv.key == key), None)
-
-    def set(self, key: str, value: Any, vtype: int | None = None, sub: int | None = None) -> "Spec":
-        kv = self.get(key)
-        if kv is None:
-            if vtype is None:
-                raise KeyError(f"{key} is new: give its vtype")
-            self.kvs.append(KV(key, vtype, value, sub))
-        else:
-            kv.value = value
-            if vtype is not None:
-                kv.vtype, kv.sub = vtype, sub
-        return self
-
-    def drop(self, key: str) -> "Spec":
-        n = len(self.kvs)
-        self.kvs = [kv for kv in self.kvs if kv.key != key]
-        if len(self.kvs) == n:
-            raise KeyError(key)
-        return self
-
-    def tensor(self, name: str) -> TensorSpec:
-        return next(t for t in self.tensors if t.name == name)
-
-    def drop_tensor(self, name: str) -> "Spec":
-        self.tensors.remove(self.tensor(name))
-        return self
-
-    def put_tensor(self, name: str, array: np.ndarray) -> "Spec":
-        """Replace or add an f32 tensor (numpy shape, i.e. reversed ggml ``ne``)."""
-        t = _tensor(name, array)
-        for i, old in enumerate(self.tensors):
-            if old.name == name:
-                self.tensors[i] = t
-                return self
-        self.tensors.append(t)
-        return self
-
-
-def _tensor(name: str, array: np.ndarray) -> TensorSpec:
-    a = np.ascontiguousarray(array, dtype=np.float32)
-    return TensorSpec(name, tuple(reversed(a.shape)), a.tobytes())
-
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode("utf-8") if isinstance(s, str) else s
-    return struct.pack("<Q", len(b)) + b
-
-
-def _value(vtype: int, value: Any, sub: int | None) -> bytes:
-    if vtype == STR:
-        return _str(value)
-    if vtype == ARR:
-        out = struct.pack("<IQ", sub, len(value))
-        return out + b"".join(_value(sub, v, None) for v in value)
-    return struct.pack(_SCALAR_FMT[vtype], value)
-
-
-def _pad(n: int) -> int:
-    return (-n) % _ALIGN
-
-
-def spec_bytes(spec: Spec) -> bytes:
-    """Serialise ``spec`` (GGUF v3 layout, 32-byte alignment)."""
-    out = bytearray(spec.magic)
-    out += struct.pack("<IQQ", spec.version,
-                       len(spec.tensors) if spec.n_tensors is None else spec.n_tensors,
-                       len(spec.kvs) if spec.n_kv is None else spec.n_kv)
-    for kv in spec.kvs:
-        out += _str(kv.key) + struct.pack("<I", kv.vtype) + _value(kv.vtype, kv.value, kv.sub)
-    offset = 0
-    for t in spec.tensors:
-        out += _str(t.name) + struct.pack("<I", len(t.ne)) + b"".join(struct.pack("<Q", d & (2**64 - 1)) for d in t.ne)
-        out += struct.pack("<IQ", t.ggml_type, offset if t.offset is None else t.offset)
-        offset += len(t.data) + _pad(len(t.data))
-    if spec.tensors:
-        out += b"\0" * _pad(len(out))
-        for t in spec.tensors:
-            out += t.data + b"\0" * _pad(len(t.data))
-    return bytes(out)
-
-
-def write_spec(path: str | os.PathLike, spec: Spec) -> Path:
-    path = Path(path)
-    path.write_bytes(spec_bytes(spec))
-    return path
 
 
 def _put(path: str | os.PathLike, data: bytes) -> Path:

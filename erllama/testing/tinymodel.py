@@ -1,9 +1,14 @@
-"""Tiny synthetic llama GGUF models (and a LoRA for them), written with the ``gguf`` package.
+"""Tiny synthetic llama GGUF models (and a LoRA for them).
 
 2 layers, n_embd 64, 4 heads / 2 KV heads, an SPM vocabulary of about 300 tokens, f32
 random weights from a fixed seed: loads in milliseconds and decodes thousands of tokens a
 second, so tests exercise the real llama.cpp code paths without a real model. Used by the
-test suite, the benchmarks and the demo.
+test suite, the benchmarks and the demo. :func:`write_tiny_model` and
+:func:`write_tiny_lora` need the ``gguf`` package (a test extra).
+
+:func:`write_known_good_model` writes a slightly larger model (n_embd 256) whose weights use
+the quantization types real GGUFs use (:data:`KNOWN_GOOD_TYPES`) with only numpy, so a plain
+install can tell "this build is broken on this CPU" from "this model file is bad".
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TinySpec", "write_tiny_model", "write_tiny_lora", "CHATML_TEMPLATE", "tiny_vocab"]
+from erllama.testing import ggufwrite as gw
+
+__all__ = ["TinySpec", "write_tiny_model", "write_tiny_lora", "CHATML_TEMPLATE", "tiny_vocab",
+           "write_known_good_model", "known_good_spec", "KNOWN_GOOD_TYPES", "KnownGoodSpec"]
 
 N_EMBD = 64
 N_HEAD = 4
@@ -164,3 +172,106 @@ def write_tiny_lora(path: str | os.PathLike, *, rank: int = 4, alpha: float = 8.
         writer.close()
 
     return _write_atomic(Path(path), fill)
+
+
+class KnownGoodSpec:
+    """Shape constants of the known-good model (k-quant rows need multiples of 256)."""
+
+    n_embd = 256
+    n_layer = 2
+    n_head = 4
+    n_head_kv = 2
+    head_dim = 64
+    n_ff = 512
+    n_ctx_train = 256
+
+
+def _known_good_types() -> dict[str, str]:
+    # Q4_0 and Q4_K take ggml-cpu's repack paths (interleaved blocks, ISA-specific kernels),
+    # the usual suspects when a build misbehaves on one CPU; the others are plain vec_dot
+    types = {"token_embd.weight": "Q8_0", "output_norm.weight": "F32", "output.weight": "Q6_K"}
+    for i in range(KnownGoodSpec.n_layer):
+        types.update({
+            f"blk.{i}.attn_norm.weight": "F32",
+            f"blk.{i}.attn_q.weight": "Q4_K",
+            f"blk.{i}.attn_k.weight": "Q4_0",
+            f"blk.{i}.attn_v.weight": "Q6_K",
+            f"blk.{i}.attn_output.weight": "Q8_0",
+            f"blk.{i}.ffn_norm.weight": "F32",
+            f"blk.{i}.ffn_gate.weight": "Q4_K",
+            f"blk.{i}.ffn_up.weight": "F16",
+            f"blk.{i}.ffn_down.weight": "Q6_K",
+        })
+    return types
+
+
+#: tensor name -> ggml type name of every tensor in :func:`write_known_good_model`'s file
+KNOWN_GOOD_TYPES: dict[str, str] = _known_good_types()
+
+
+def known_good_spec(*, seed: int = 0, scale: float = 1.0) -> gw.Spec:
+    """The known-good model as an editable :class:`~erllama.testing.ggufwrite.Spec`."""
+    g = KnownGoodSpec
+    tokens, scores, types = tiny_vocab()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    kvs = [
+        gw.KV("general.architecture", gw.STR, "llama"),
+        gw.KV("general.name", gw.STR, "erllama-known-good"),
+        gw.KV("llama.context_length", gw.U32, g.n_ctx_train),
+        gw.KV("llama.embedding_length", gw.U32, g.n_embd),
+        gw.KV("llama.block_count", gw.U32, g.n_layer),
+        gw.KV("llama.feed_forward_length", gw.U32, g.n_ff),
+        gw.KV("llama.attention.head_count", gw.U32, g.n_head),
+        gw.KV("llama.attention.head_count_kv", gw.U32, g.n_head_kv),
+        gw.KV("llama.attention.layer_norm_rms_epsilon", gw.F32, 1e-5),
+        gw.KV("llama.rope.dimension_count", gw.U32, g.head_dim),
+        gw.KV("general.file_type", gw.U32, 15),  # LLAMA_FTYPE_MOSTLY_Q4_K_M: informational only
+        gw.KV("tokenizer.ggml.model", gw.STR, "llama"),
+        gw.KV("tokenizer.ggml.tokens", gw.ARR, tokens, gw.STR),
+        gw.KV("tokenizer.ggml.scores", gw.ARR, scores, gw.F32),
+        gw.KV("tokenizer.ggml.token_type", gw.ARR, types, gw.I32),
+        gw.KV("tokenizer.ggml.bos_token_id", gw.U32, 1),
+        gw.KV("tokenizer.ggml.eos_token_id", gw.U32, 2),
+        gw.KV("tokenizer.ggml.unknown_token_id", gw.U32, 0),
+        gw.KV("tokenizer.ggml.add_bos_token", gw.BOOL, True),
+        gw.KV("tokenizer.ggml.add_eos_token", gw.BOOL, False),
+    ]
+    q, kv = g.n_head * g.head_dim, g.n_head_kv * g.head_dim
+    shapes = {"token_embd.weight": (n_vocab, g.n_embd), "output_norm.weight": (g.n_embd,),
+              "output.weight": (n_vocab, g.n_embd)}
+    for i in range(g.n_layer):
+        shapes.update({
+            f"blk.{i}.attn_norm.weight": (g.n_embd,),
+            f"blk.{i}.attn_q.weight": (q, g.n_embd),
+            f"blk.{i}.attn_k.weight": (kv, g.n_embd),
+            f"blk.{i}.attn_v.weight": (kv, g.n_embd),
+            f"blk.{i}.attn_output.weight": (g.n_embd, q),
+            f"blk.{i}.ffn_norm.weight": (g.n_embd,),
+            f"blk.{i}.ffn_gate.weight": (g.n_ff, g.n_embd),
+            f"blk.{i}.ffn_up.weight": (g.n_ff, g.n_embd),
+            f"blk.{i}.ffn_down.weight": (g.n_embd, g.n_ff),
+        })
+    tensors = []
+    for name, ggml_name in KNOWN_GOOD_TYPES.items():
+        shape = shapes[name]
+        if len(shape) == 1:
+            a = np.ones(shape, np.float32)
+        else:
+            # std scale/sqrt(fan_in) keeps every activation O(1): finite in f16 and in the
+            # int8 activations the quantized dot products use
+            a = (rng.standard_normal(shape) * (scale / np.sqrt(shape[-1]))).astype(np.float32)
+        tensors.append(gw._tensor(name, a, gw.GGML_TYPES[ggml_name]))
+    return gw.Spec(kvs=kvs, tensors=tensors)
+
+
+def write_known_good_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write the known-good llama GGUF to ``path`` (atomically) and return the path.
+
+    Same vocabulary and layout as the tiny model but n_embd 256 (4 heads of 64, 2 KV heads),
+    n_ff 512, 2 layers, context 256, with weights in Q4_K, Q6_K, Q8_0, Q4_0 and F16 and norms
+    in F32 (:data:`KNOWN_GOOD_TYPES` says which tensor has which type). About 1.3 MB, written
+    with numpy only (no ``gguf`` package). The same ``seed`` always gives the same bytes.
+    """
+    data = gw.spec_bytes(known_good_spec(seed=seed))
+    return _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
