@@ -27,7 +27,6 @@ import builtins
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults, selfcheck
+from erllama.backend.child import child_env, how_it_died, read_report
 from erllama.filestore import file_identity, read_json, write_json
 
 __all__ = ["ProbeResult", "ensure_adapter_probed", "ensure_probed", "probe_adapter_file", "probe_file",
@@ -117,10 +117,7 @@ def _run_child(argv: list[str], subject: str, kind: str, timeout: float | None) 
     ``subject`` names what is probed in messages, ``kind`` (``file``/``adapter``) what the host refuses."""
     if timeout is None:
         timeout = float(os.environ.get("ERLLAMA_PROBE_TIMEOUT", DEFAULT_TIMEOUT))
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    env["GGML_NO_BACKTRACE"] = "1"  # ggml would otherwise attach gdb for a backtrace on abort
+    env = child_env()
     args = [sys.executable, "-m", "erllama.backend.probe", *argv]
     t0 = time.monotonic()
     with _lock:
@@ -135,12 +132,7 @@ def _run_child(argv: list[str], subject: str, kind: str, timeout: float | None) 
     seconds = time.monotonic() - t0
     with _lock:
         _stats["last_seconds"] = seconds
-    stage, report = None, None
-    for line in r.stdout.splitlines():
-        if line.startswith("STAGE "):
-            stage = line[6:].strip()
-        elif line.startswith("RESULT "):
-            report = json.loads(line[7:])
+    stage, report = read_report(r.stdout)
     if r.returncode == 0 and report is not None:
         result = ProbeResult(report["ok"], seconds, report.get("stage"), report.get("error"), report.get("message"))
     else:
@@ -154,13 +146,7 @@ def _died(subject: str, kind: str, returncode: int, stage: str | None, stderr: s
     exited abnormally (``returncode`` non-zero, or zero without a RESULT line): ``subject``
     names what was probed, ``kind`` what the host will not load, ``stage`` is the last stage
     the child announced and ``stderr`` its whole standard error."""
-    if returncode < 0:
-        try:
-            how = signal.Signals(-returncode).name
-        except ValueError:
-            how = f"signal {-returncode}"
-    else:
-        how = f"exit code {returncode}"
+    how = how_it_died(returncode)
     # before blaming the file, know that this build decodes a known-good model on this CPU:
     # RuntimeBroken propagates, and is not cached as the file's outcome
     selfcheck.blame(subject, how, stage)

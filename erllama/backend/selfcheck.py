@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults
+from erllama.backend.child import child_env, how_it_died, read_report
 from erllama.filestore import read_json, write_json
 
 __all__ = ["SelfCheck", "blame", "cache_path", "run_selfcheck", "runtime_id", "selfcheck"]
@@ -108,10 +108,7 @@ def run_selfcheck(*, timeout: float | None = None) -> SelfCheck:
     if timeout is None:
         timeout = float(os.environ.get("ERLLAMA_SELFCHECK_TIMEOUT", DEFAULT_TIMEOUT))
     rid = runtime_id()
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    env["GGML_NO_BACKTRACE"] = "1"
+    env = child_env()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="erllama-selfcheck-") as d:
         args = [sys.executable, "-m", "erllama.backend.selfcheck", d]
@@ -122,20 +119,10 @@ def run_selfcheck(*, timeout: float | None = None) -> SelfCheck:
             return SelfCheck(False, time.monotonic() - t0, None, None, -1,
                              f"the self-check did not finish within {timeout:g} s", rid)
     seconds = time.monotonic() - t0
-    stage, report = None, None
-    for line in r.stdout.splitlines():
-        if line.startswith("STAGE "):
-            stage = line[6:].strip()
-        elif line.startswith("RESULT "):
-            report = json.loads(line[7:])
+    stage, report = read_report(r.stdout)
     if r.returncode == 0 and report is not None:
         return SelfCheck(report["ok"], seconds, report.get("stage"), None, 0, report.get("message"), rid)
-    how = None
-    if r.returncode < 0:
-        try:
-            how = signal.Signals(-r.returncode).name
-        except ValueError:
-            how = f"signal {-r.returncode}"
+    how = how_it_died(r.returncode) if r.returncode < 0 else None
     tail = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()][-3:]
     died = f"died by {how}" if how else f"exited with code {r.returncode}"
     return SelfCheck(False, seconds, stage, how, r.returncode,

@@ -1,0 +1,43 @@
+"""What the sacrificial children (probe, self-check) share: their environment, the
+``STAGE``/``RESULT`` lines they print, and how their deaths are named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+__all__ = ["child_env", "how_it_died", "read_report"]
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment with the package importable and ggml's abort backtrace off
+    (ggml would otherwise attach gdb to print one: slow and noisy)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
+    env["GGML_NO_BACKTRACE"] = "1"
+    return env
+
+
+def read_report(stdout: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The last ``STAGE`` the child announced and its ``RESULT`` object (None if it printed none)."""
+    stage, report = None, None
+    for line in stdout.splitlines():
+        if line.startswith("STAGE "):
+            stage = line[6:].strip()
+        elif line.startswith("RESULT "):
+            report = json.loads(line[7:])
+    return stage, report
+
+
+def how_it_died(returncode: int) -> str:
+    """``"SIGSEGV"`` for a child killed by a signal, ``"exit code N"`` otherwise."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
