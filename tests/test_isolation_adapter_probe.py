@@ -14,8 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-import psutil
 import pytest
+from child_helpers import probe_children
 
 import erllama
 from erllama import _native as native
@@ -32,17 +32,6 @@ OPTS = dict(n_ctx=256, n_batch=64, n_threads=1)
 PROMPT = "adapters change the numbers"
 
 
-def _probe_children() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "erllama.backend.probe" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _children() -> int:
     return probe.probe_stats()["children"]
 
@@ -50,7 +39,7 @@ def _children() -> int:
 @pytest.fixture(autouse=True)
 def no_probe_child_left():
     yield
-    assert _probe_children() == []
+    assert probe_children() == []
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from child_helpers import probe_children
 
 import erllama
 from erllama import _native as native
@@ -58,21 +59,10 @@ def _run_none(path: Path, cache: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
 
 
-def _probe_children() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "erllama.backend.probe" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_probe_child_left():
     yield
-    assert _probe_children() == []
+    assert probe_children() == []
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +206,7 @@ def test_timeout_kills_the_child_and_is_not_cached(tiny_copy, tmp_path, monkeypa
     cfg = ModelConfig(**OPTS)
     with pytest.raises(errors.LoadFailed, match="did not finish within 0.01 s"):
         probe.ensure_probed(tiny_copy, cfg, cache_dir=tmp_path)
-    assert _probe_children() == []
+    assert probe_children() == []
     monkeypatch.delenv("ERLLAMA_PROBE_TIMEOUT")
     n = _children()
     probe.ensure_probed(tiny_copy, cfg, cache_dir=tmp_path)
