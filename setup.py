@@ -199,8 +199,15 @@ def llama_source() -> tuple[Path, str]:
 
 
 def amx_requested() -> bool:
-    """True when ``ERLLAMA_AMX`` asks for ggml's AMX kernels (``1``/``on``/``true``/``yes``)."""
-    return os.environ.get("ERLLAMA_AMX", "").strip().lower() in ("1", "on", "true", "yes")
+    """True when ``ERLLAMA_AMX`` asks for ggml's AMX kernels (``1``/``on``/``true``/``yes``);
+    unset, empty, ``0``/``off``/``false``/``no`` leave them out; anything else is refused."""
+    value = os.environ.get("ERLLAMA_AMX", "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    raise BuildError(f"ERLLAMA_AMX={os.environ['ERLLAMA_AMX']!r} is neither on (1/on/true/yes) "
+                     "nor off (0/off/false/no)")
 
 
 def cpu_flag_args() -> list[str]:

@@ -91,6 +91,15 @@ def test_on_an_amx_cpu_the_default_build_decodes_q4_k(gemma):
         ctx.free()
 
 
+def test_amx_switch_refuses_an_unclear_value(monkeypatch):
+    setup = load_setup()
+    monkeypatch.setenv("ERLLAMA_AMX", "maybe")
+    with pytest.raises(setup.BuildError, match="ERLLAMA_AMX='maybe' is neither on"):
+        setup.cmake_args()
+    monkeypatch.setenv("ERLLAMA_AMX", "off")
+    assert not setup.amx_requested()
+
+
 def _defines(cc: str, flags: list[str]) -> set[str]:
     out = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
                          check=True).stdout
