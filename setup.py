@@ -221,7 +221,7 @@ def cpu_flag_args() -> list[str]:
 
 
 def _compiler_accepts(flags: list[str]) -> bool:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _cc()
     if not cc:
         return True
     with tempfile.TemporaryDirectory() as d:
@@ -239,19 +239,38 @@ def cmake_args() -> list[str]:
 
 def machine_id() -> str:
     """Identify the compiler and CPU: GGML_NATIVE builds are only valid on the same kind."""
-    parts = [platform.machine(), platform.system()]
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc:
-        parts.append(subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
+    return "\n".join([platform.machine(), platform.system(), *([_compiler_version()] if _cc() else []),
+                      *_cpuinfo_lines()])
+
+
+def _cc() -> str | None:
+    """The C compiler CMake will pick: ``$CC``, else ``cc``/``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _compiler_version() -> str:
+    cc = _cc()
+    out = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True).stdout if cc else ""
+    return out.splitlines()[0] if out else "unknown"
+
+
+def _cpuinfo_lines() -> list[str]:
+    """The first CPU's ``model name`` and ``flags``/``Features`` lines of /proc/cpuinfo."""
+    lines = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("model name", "flags", "Features")):
-                parts.append(line)
+                lines.append(line)
                 if line.startswith(("flags", "Features")):
                     break
     except OSError:
         pass
-    return "\n".join(parts)
+    return lines
+
+
+def _cpu_model() -> str:
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), None)
+    return model or platform.processor() or "unknown"
 
 
 def build_llama() -> dict:
@@ -344,24 +363,6 @@ def write_build_info(info: dict, gen_dir: Path) -> Path:
     if not header.exists() or header.read_text() != text:
         header.write_text(text)
     return header
-
-
-def _compiler_version() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return "unknown"
-    out = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class BuildExt(build_ext):

@@ -30,14 +30,12 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return model, flags
-    for line in text.splitlines():
+    fields: dict[str, str] = {}
+    for line in text.splitlines():  # the first CPU's lines; every CPU repeats them
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model in ("", platform.machine(), platform.processor()):
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = frozenset(value.split())
-    return model, flags
+        fields.setdefault(key.strip(), value.strip())
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
+    return fields.get("model name") or model, flags
 
 
 def cpu_model() -> str:

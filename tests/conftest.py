@@ -69,6 +69,18 @@ def gemma(gemma_path):
     model.free()
 
 
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory):
+    """The application started once for a test module (default configuration, private cache
+    and ram_file directories); yields its cache directory."""
+    import erllama
+
+    d = tmp_path_factory.mktemp("app")
+    erllama.start(cache_dir=str(d / "c"), ram_file_dir=str(d / "shm"))
+    yield d / "c"
+    erllama.stop()
+
+
 @pytest.fixture(autouse=True)
 def no_native_leaks():
     """Every test leaves as many live native objects as it found (uvloop-style leak check)."""

@@ -52,15 +52,7 @@ def files(tiny_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    d = tmp_path_factory.mktemp("app")
-    erllama.start(cache_dir=str(d / "c"), ram_file_dir=str(d / "shm"))
-    yield d / "c"
-    erllama.stop()
-
-
-@pytest.fixture(scope="module")
-def model(app, files):
+def model(app_dir, files):
     """The tiny model under the default isolation ("probe"), and its adapter-free completion."""
     mid = erllama.load_model(files["model"], model_id="tiny", **OPTS)
     assert erllama.model_info(mid).isolation == "probe"
@@ -99,7 +91,7 @@ def test_aborting_adapter_is_refused_and_the_model_keeps_serving(name, model, fi
     assert str(again.value) == msg and _children() == n + 1
 
 
-def test_good_adapter_loads_changes_output_and_is_probed_once(app, model, files):
+def test_good_adapter_loads_changes_output_and_is_probed_once(app_dir, model, files):
     mid, base = model
     n, hits = _children(), probe.probe_stats()["cache_hits"]
     handle = erllama.load_adapter(mid, files["lora"])
@@ -116,7 +108,7 @@ def test_good_adapter_loads_changes_output_and_is_probed_once(app, model, files)
     erllama.unload_adapter(mid, handle)
     assert erllama.complete(mid, PROMPT, max_tokens=6).tokens == base
 
-    stored = json.loads((app / "probes.json").read_text())
+    stored = json.loads((app_dir / "probes.json").read_text())
     entry = stored[os.path.realpath(files["lora"])]
     assert any(json.loads(k).get("adapter_of") == os.path.realpath(files["model"]) and r["ok"]
                for k, r in entry["results"].items())
@@ -161,7 +153,7 @@ def test_missing_adapter_or_model_spawns_no_child(model, tmp_path):
     assert _children() == n
 
 
-def test_only_probe_isolation_probes_adapters(app, files):
+def test_only_probe_isolation_probes_adapters(app_dir, files):
     """"none" and "process" (whose worker already isolates) load adapters without a probe."""
     n = _children()
     for isolation in ("none", "process"):

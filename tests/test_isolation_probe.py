@@ -81,14 +81,6 @@ def none_runs(abort_files, tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    d = tmp_path_factory.mktemp("app")
-    erllama.start(cache_dir=str(d / "c"), ram_file_dir=str(d / "shm"))
-    yield d / "c"
-    erllama.stop()
-
-
 @pytest.fixture
 def tiny_copy(tiny_path, tmp_path):
     """A private copy of the tiny model: its own file identity, so its own probe."""
@@ -106,7 +98,7 @@ def test_the_reachable_cases():
 
 
 @pytest.mark.parametrize("name", REACHABLE)
-def test_abort_file_is_refused_under_probe_and_kills_under_none(name, app, abort_files, none_runs):
+def test_abort_file_is_refused_under_probe_and_kills_under_none(name, app_dir, abort_files, none_runs):
     """``ABORT_CASES[name]``: under "probe" the host gets MalformedGGUF naming the signal, the
     stage and the assert and never loads the file; under "none" the interpreter dies."""
     _, stage, observed = M.ABORT_CASES[name]
@@ -126,7 +118,7 @@ def test_abort_file_is_refused_under_probe_and_kills_under_none(name, app, abort
     assert "COMPLETED" not in r.stdout
 
 
-def test_good_model_loads_under_probe_and_serves(app, tiny_copy):
+def test_good_model_loads_under_probe_and_serves(app_dir, tiny_copy):
     n = _children()
     mid = erllama.load_model(tiny_copy, isolation="probe", **OPTS)
     ref = erllama.load_model(tiny_copy, isolation="none", **OPTS)
@@ -142,7 +134,7 @@ def test_good_model_loads_under_probe_and_serves(app, tiny_copy):
         erllama.unload(ref)
 
 
-def test_probe_cache(app, tiny_copy, abort_files, tmp_path):
+def test_probe_cache(app_dir, tiny_copy, abort_files, tmp_path):
     """A reload of the same file identity spawns no child; a modified file is probed again;
     a failed file fails again from the cache; other context parameters are their own entry."""
     n = _children()
@@ -155,7 +147,7 @@ def test_probe_cache(app, tiny_copy, abort_files, tmp_path):
     assert _children() == n + 2
     erllama.unload(erllama.load_model(tiny_copy, swa_full=True, **OPTS))
     assert _children() == n + 3
-    assert (app / "probes.json").is_file()
+    assert (app_dir / "probes.json").is_file()
 
     bad = Path(shutil.copyfile(abort_files["embd_odd_head_dim"], tmp_path / "bad.gguf"))
     with pytest.raises(errors.MalformedGGUF) as first:
@@ -178,7 +170,7 @@ def test_in_process_cache_without_cache_dir(tiny_copy):
 
 
 @pytest.mark.parametrize("case", ["bad_magic", "text_file", "truncated_tensor_data", "unknown_architecture"])
-def test_clean_load_error_is_reraised_as_the_same_class(case, app, tmp_path):
+def test_clean_load_error_is_reraised_as_the_same_class(case, app_dir, tmp_path):
     """``malformed.ALL_CASES`` files fail cleanly, so loading one here is safe: the probe's
     error has the class and message the in-process load raises."""
     path = M.ALL_CASES[case](tmp_path / f"{case}.gguf")
@@ -192,7 +184,7 @@ def test_clean_load_error_is_reraised_as_the_same_class(case, app, tmp_path):
     assert _children() == n + 1
 
 
-def test_missing_file_spawns_no_child(app, tmp_path):
+def test_missing_file_spawns_no_child(app_dir, tmp_path):
     n = _children()
     with pytest.raises(FileNotFoundError):
         erllama.load_model(tmp_path / "missing.gguf", isolation="probe", **OPTS)

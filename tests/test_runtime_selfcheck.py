@@ -153,6 +153,14 @@ def test_selfcheck_of_a_broken_runtime_names_the_signal_and_stage(broken_runtime
     assert "SIGSEGV" in result.message
 
 
+def test_which_outcomes_blame_the_runtime_and_which_are_cached():
+    S = selfcheck.SelfCheck
+    crash, env, clean = S(False, 0.1, "decode", "SIGSEGV", -11), S(False, 0.1, "write", None, 1), S(False, 0.1, "load")
+    killed, timeout = S(False, 0.1, "decode", "SIGKILL", -9), S(False, 120.0, None, None, -1)
+    assert [x.conclusive for x in (crash, env, clean, killed, timeout)] == [True, True, True, False, False]
+    assert [x.durable for x in (crash, env, clean, killed, timeout)] == [True, False, True, False, False]
+
+
 def test_probe_on_a_broken_runtime_raises_runtime_broken(broken_runtime, tiny_path, tmp_path):
     """A valid file whose probe dies, on a runtime whose known-good model dies too: the
     runtime is blamed (RuntimeBroken, not MalformedGGUF), and nothing is cached for the file."""

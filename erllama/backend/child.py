@@ -9,7 +9,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
-__all__ = ["child_env", "how_it_died", "read_report"]
+__all__ = ["CRASH_SIGNALS", "child_env", "how_it_died", "read_report", "telling_line"]
+
+# deaths a native defect causes (an assert, a bad access): the same again next time, unlike a
+# SIGKILL/SIGTERM (the OOM killer, an operator)
+CRASH_SIGNALS = ("SIGABRT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
+_TELLING_WORDS = ("GGML_ASSERT", "GGML_ABORT", "terminate called", "error", "Error", "failed")
 
 
 def child_env() -> dict[str, str]:
@@ -41,3 +46,10 @@ def how_it_died(returncode: int) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit code {returncode}"
+
+
+def telling_line(lines: list[str]) -> str | None:
+    """The last non-blank line that names the failure (an assert, an abort, an error), else
+    the last non-blank line, else None."""
+    kept = [ln.strip() for ln in lines if ln.strip()]
+    return next((ln for ln in reversed(kept) if any(w in ln for w in _TELLING_WORDS)), kept[-1] if kept else None)

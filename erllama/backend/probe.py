@@ -37,7 +37,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults, selfcheck
-from erllama.backend.child import child_env, how_it_died, read_report
+from erllama.backend.child import CRASH_SIGNALS, child_env, how_it_died, read_report, telling_line
 from erllama.filestore import file_identity, read_json, write_json
 
 __all__ = ["ProbeResult", "ensure_adapter_probed", "ensure_probed", "probe_adapter_file", "probe_file",
@@ -50,8 +50,6 @@ ADAPTER_STAGES = ("load", "adapter_load", "context", "tokenize", "adapter_decode
 PROBE_N_CTX = 256  # llama.cpp pads a sequence to 256 cells anyway
 PROBE_TEXT = "Hello, world"
 DEFAULT_TIMEOUT = 300.0
-_CRASH_SIGNALS = ("SIGABRT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
-_ABORT_WORDS = ("GGML_ASSERT", "GGML_ABORT", "terminate called", "error", "failed")
 
 _lock = threading.Lock()
 _memory: dict[str, dict[str, Any]] = {}  # realpath -> {"ident": ..., "results": {params: record}}
@@ -150,7 +148,7 @@ def _died(subject: str, kind: str, returncode: int, stage: str | None, stderr: s
     # before blaming the file, know that this build decodes a known-good model on this CPU:
     # RuntimeBroken propagates, and is not cached as the file's outcome
     selfcheck.blame(subject, how, stage)
-    line = _last_relevant(stderr)
+    line = telling_line(stderr.splitlines())
     return ProbeResult(False, seconds, stage, "MalformedGGUF",
                        f"{subject}: the probe process died by {how} at stage {stage!r}; "
                        f"the host will not load this {kind}. Last llama.cpp line: {line or '(none)'}",
@@ -218,7 +216,7 @@ def _cacheable(result: ProbeResult) -> bool:
     # SIGKILL (the OOM killer, an operator) may not recur, so those are probed again next time.
     if result.returncode == 0:
         return result.ok or result.error == "MalformedGGUF"
-    return result.signal in _CRASH_SIGNALS
+    return result.signal in CRASH_SIGNALS
 
 
 def _error(name: str | None) -> type[Exception]:
@@ -238,11 +236,6 @@ def _load(store: Path | None) -> dict[str, Any]:
 def _save(store: Path | None, known: dict[str, Any]) -> None:
     if store is not None:
         write_json(store, known)
-
-
-def _last_relevant(stderr: str) -> str | None:
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    return next((ln for ln in reversed(lines) if any(w in ln for w in _ABORT_WORDS)), lines[-1] if lines else None)
 
 
 def _child(path: str, params: dict[str, Any], adapter: str | None = None) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import erllama
 from erllama import errors
 from erllama.backend import selfcheck, wire
+from erllama.backend.child import telling_line
 
 __all__ = ["ProcessBackend", "RemoteHandle"]
 
@@ -71,14 +72,6 @@ def _signal_name(returncode: int | None) -> str | None:
 
 def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
-
-
-def _telling_line(lines: Sequence[str]) -> str | None:
-    """The last line that names the failure (an assert, an abort, an error), else the last line."""
-    for line in reversed(lines):
-        if any(w in line for w in ("GGML_ASSERT", "GGML_ABORT", "terminate called", "error", "Error")):
-            return line
-    return lines[-1] if lines else None
 
 
 class ProcessBackend:
@@ -153,7 +146,7 @@ class ProcessBackend:
             reply = self._reader.read()
         except (OSError, EOFError):
             self._reap()
-            line = _telling_line(list(self._tail))
+            line = telling_line(list(self._tail))
             said = f"; llama.cpp said: {line}" if line else ""
             if self.exit_signal is not None:
                 # before blaming the file, know that this build decodes a known-good model here
@@ -205,7 +198,7 @@ class ProcessBackend:
     def _error(self) -> errors.ErllamaError:
         if self._gone == "closed":
             return errors.Released(f"the worker process of model {self.path!r} was closed")
-        line = _telling_line(list(self._tail))
+        line = telling_line(list(self._tail))
         said = f"; its last output: {line}" if line else ""
         return errors.WorkerDied(f"the worker process of model {self.path!r} (pid {self.pid}) {self._how}{said}",
                                  signal=self.exit_signal, exitcode=self.exitcode)

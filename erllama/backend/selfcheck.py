@@ -9,7 +9,7 @@ tokens. It prints a ``STAGE`` line before each stage and one ``RESULT`` line at 
 The outcome is kept per *runtime* (the build's facts and this CPU, :func:`runtime_id`) in
 this process and in ``$XDG_CACHE_HOME/erllama-runtime/`` (``~/.cache/erllama-runtime``), so
 the child runs once per build and CPU. Outcomes that may not recur (a timeout, SIGKILL, an
-exit code) are not kept.
+abnormal exit) are not kept.
 
 When a probe child or a worker dies on a model file, :func:`blame` runs the self-check
 before the file is blamed: if the known-good model dies too, the build is broken on this
@@ -33,7 +33,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults
-from erllama.backend.child import child_env, how_it_died, read_report
+from erllama.backend.child import CRASH_SIGNALS, child_env, how_it_died, read_report, telling_line
 from erllama.filestore import read_json, write_json
 
 __all__ = ["SelfCheck", "blame", "cache_path", "run_selfcheck", "runtime_id", "selfcheck"]
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("write", "load", "context", "tokenize", "decode", "decode_batch")
 DEFAULT_TIMEOUT = 120.0
-_CRASH_SIGNALS = ("SIGABRT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")
 _lock = threading.Lock()
 _memory: dict[str, SelfCheck] = {}
 
@@ -68,9 +67,16 @@ class SelfCheck:
         crash signal, it exited abnormally (the installation is broken), or llama.cpp failed
         cleanly on the known-good model. A timeout or a SIGKILL/SIGTERM (the OOM killer, an
         operator) says nothing either way."""
-        if self.ok or self.signal in _CRASH_SIGNALS or self.returncode > 0:
+        if self.ok or self.signal in CRASH_SIGNALS or self.returncode > 0:
             return True
         return self.returncode == 0 and self.stage in STAGES[1:]
+
+    @property
+    def durable(self) -> bool:
+        """True when the outcome is the build's and CPU's alone and may be cached: a pass, a
+        crash signal, or a clean llama.cpp failure. An abnormal exit (a package missing from
+        the environment, say) is conclusive but may be fixed without a rebuild."""
+        return self.ok or self.signal in CRASH_SIGNALS or (self.returncode == 0 and self.stage in STAGES[1:])
 
     def record(self) -> dict[str, Any]:
         """The JSON-able form (kept in the cache, shown by ``erllama doctor``)."""
@@ -123,16 +129,15 @@ def run_selfcheck(*, timeout: float | None = None) -> SelfCheck:
     if r.returncode == 0 and report is not None:
         return SelfCheck(report["ok"], seconds, report.get("stage"), None, 0, report.get("message"), rid)
     how = how_it_died(r.returncode) if r.returncode < 0 else None
-    tail = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()][-3:]
     died = f"died by {how}" if how else f"exited with code {r.returncode}"
     return SelfCheck(False, seconds, stage, how, r.returncode,
-                     f"the self-check child {died} at stage {stage!r}; last lines: {' | '.join(tail) or '(none)'}",
+                     f"the self-check child {died} at stage {stage!r}; last llama.cpp line: {telling_line(r.stderr.splitlines()) or '(none)'}",
                      rid)
 
 
 def selfcheck(*, refresh: bool = False) -> SelfCheck:
     """The self-check outcome of this runtime: from this process's memory, the on-disk cache,
-    or a child started now (``refresh=True`` always starts one). Conclusive outcomes are kept."""
+    or a child started now (``refresh=True`` always starts one). Durable outcomes are kept."""
     rid = runtime_id()
     store = cache_path()
     with _lock:
@@ -149,7 +154,7 @@ def selfcheck(*, refresh: bool = False) -> SelfCheck:
                     _memory[rid] = got
                     return got
         result = run_selfcheck()
-        if result.conclusive:
+        if result.durable:
             _memory[rid] = result
             try:
                 known = read_json(store)
