@@ -161,6 +161,16 @@ def test_which_outcomes_blame_the_runtime_and_which_are_cached():
     assert [x.durable for x in (crash, env, clean, killed, timeout)] == [True, False, True, False, False]
 
 
+@pytest.mark.parametrize("var", ["ERLLAMA_SELFCHECK_TIMEOUT", "ERLLAMA_PROBE_TIMEOUT"])
+def test_a_bad_child_timeout_is_a_config_error(var, monkeypatch, tiny_path, tmp_path, runtime_cache):
+    monkeypatch.setenv(var, "soon")
+    with pytest.raises(errors.ConfigError, match=f"{var} must be a positive number of seconds, got 'soon'"):
+        if var == "ERLLAMA_SELFCHECK_TIMEOUT":
+            selfcheck.run_selfcheck()
+        else:
+            probe.ensure_probed(tiny_path, ModelConfig(isolation="probe", **OPTS), cache_dir=tmp_path)
+
+
 def test_probe_on_a_broken_runtime_raises_runtime_broken(broken_runtime, tiny_path, tmp_path):
     """A valid file whose probe dies, on a runtime whose known-good model dies too: the
     runtime is blamed (RuntimeBroken, not MalformedGGUF), and nothing is cached for the file."""

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CRASH_SIGNALS", "child_env", "how_it_died", "read_report", "telling_line"]
+__all__ = ["CRASH_SIGNALS", "child_env", "env_seconds", "how_it_died", "read_report", "telling_line"]
 
 # deaths a native defect causes (an assert, a bad access): the same again next time, unlike a
 # SIGKILL/SIGTERM (the OOM killer, an operator)
@@ -25,6 +25,23 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     env["GGML_NO_BACKTRACE"] = "1"
     return env
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (``default`` when
+    unset); anything else raises :class:`~erllama.errors.ConfigError` naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        from erllama import errors
+
+        raise errors.ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def read_report(stdout: str) -> tuple[str | None, dict[str, Any] | None]:

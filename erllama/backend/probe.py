@@ -37,7 +37,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults, selfcheck
-from erllama.backend.child import CRASH_SIGNALS, child_env, how_it_died, read_report, telling_line
+from erllama.backend.child import CRASH_SIGNALS, child_env, env_seconds, how_it_died, read_report, telling_line
 from erllama.filestore import file_identity, read_json, write_json
 
 __all__ = ["ProbeResult", "ensure_adapter_probed", "ensure_probed", "probe_adapter_file", "probe_file",
@@ -114,7 +114,7 @@ def _run_child(argv: list[str], subject: str, kind: str, timeout: float | None) 
     """Run ``python -m erllama.backend.probe *argv`` and turn its exit into a ProbeResult;
     ``subject`` names what is probed in messages, ``kind`` (``file``/``adapter``) what the host refuses."""
     if timeout is None:
-        timeout = float(os.environ.get("ERLLAMA_PROBE_TIMEOUT", DEFAULT_TIMEOUT))
+        timeout = env_seconds("ERLLAMA_PROBE_TIMEOUT", DEFAULT_TIMEOUT)
     env = child_env()
     args = [sys.executable, "-m", "erllama.backend.probe", *argv]
     t0 = time.monotonic()

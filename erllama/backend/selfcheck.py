@@ -33,7 +33,7 @@ from typing import Any
 
 from erllama import errors
 from erllama.backend import faults
-from erllama.backend.child import CRASH_SIGNALS, child_env, how_it_died, read_report, telling_line
+from erllama.backend.child import CRASH_SIGNALS, child_env, env_seconds, how_it_died, read_report, telling_line
 from erllama.filestore import read_json, write_json
 
 __all__ = ["SelfCheck", "blame", "cache_path", "run_selfcheck", "runtime_id", "selfcheck"]
@@ -112,7 +112,7 @@ def run_selfcheck(*, timeout: float | None = None) -> SelfCheck:
     and the outcome is inconclusive.
     """
     if timeout is None:
-        timeout = float(os.environ.get("ERLLAMA_SELFCHECK_TIMEOUT", DEFAULT_TIMEOUT))
+        timeout = env_seconds("ERLLAMA_SELFCHECK_TIMEOUT", DEFAULT_TIMEOUT)
     rid = runtime_id()
     env = child_env()
     t0 = time.monotonic()
