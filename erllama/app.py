@@ -99,7 +99,7 @@ class Application:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.cache = CacheStore.start(config.cache_config())
-        cache_api.attach(self.cache, self._longest_prefix)
+        cache_api.attach(self.cache, self._longest_prefix, self._key_groups)
         self.models: dict[str, tuple[str, ModelConfig]] = {}
         self.restarts: dict[str, int] = {}
         self.observed: dict[str, Observed] = {}
@@ -309,6 +309,9 @@ class Application:
                          errors.ModelCrashed(f"model {model_id!r} stopped before the request ran"))
 
         threading.Thread(target=resubmit, name=f"erllama-redirect-{req.id}", daemon=True).start()
+
+    def _key_groups(self) -> dict[str, bytes | None]:
+        return {mid: obs.key_group for mid, obs in list(self.observed.items()) if mid in self.models}
 
     def _longest_prefix(self, model_id: str, tokens: Any) -> int:
         return self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60)

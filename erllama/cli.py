@@ -41,21 +41,25 @@ def _cmd_complete(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from erllama.cache.store import CacheStore
-    from erllama.config import AppConfig
+    import json
 
-    cfg = AppConfig.build(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
-    store = CacheStore.start(cfg.cache_config())
-    try:
-        if args.action == "gc":
-            print(f"evicted {store.gc()} rows")
-        rows = list(store.index.rows.values())
-        for tier in ("ram", "ram_file", "disk"):
-            mine = [r for r in rows if r.tier == tier]
-            print(f"{tier:9} {len(mine):6} rows {sum(r.size for r in mine) / 1e6:10.1f} MB "
-                  f"(quota {store.index.quotas[tier] / 1e6:.0f} MB)")
-    finally:
-        store.close()
+    import erllama
+    import erllama.cache
+
+    with erllama.running(**({"cache_dir": args.cache_dir} if args.cache_dir else {})):
+        evicted = erllama.cache.gc() if args.action == "gc" else None
+        st = erllama.cache.stats()
+    if args.json:
+        print(json.dumps({**st, "evicted": evicted} if evicted is not None else st, indent=1, sort_keys=True))
+        return 0
+    if evicted is not None:
+        print(f"evicted {evicted} rows")
+    print(f"{'tier':9} {'rows':>6} {'MB':>9} {'charged MB':>11} {'quota MB':>9} {'saves':>6} {'in':>5} "
+          f"{'out':>5} {'evicted':>7} {'hits':>6}")
+    for tier, t in st["tiers"].items():
+        print(f"{tier:9} {t['rows']:6} {t['bytes'] / 1e6:9.1f} {t['charged'] / 1e6:11.1f} {t['quota'] / 1e6:9.0f} "
+              f"{t['saves'] + t['adopted']:6} {t['moves_in']:5} {t['moves_out']:5} "
+              f"{t['evictions'] + t['removed']:7} {t['hits']:6}")
     return 0
 
 
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=_cmd_complete)
     p = sub.add_parser("cache", help="rows and bytes per tier of the persistent cache; gc evicts unused rows")
-    p.add_argument("action", choices=["stats", "gc"])
+    p.add_argument("action", choices=["stats", "gc"], nargs="?", default="stats")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print erllama.cache.stats() as one JSON object")
     p.set_defaults(func=_cmd_cache)
     p = sub.add_parser("doctor", help="what this runtime is (build, CPU features compiled in and present, "
                                       "build-cache key) and whether it decodes a known-good model here")

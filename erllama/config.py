@@ -21,6 +21,7 @@ from erllama.cache.store import CacheConfig
 __all__ = ["AppConfig", "ModelConfig"]
 
 GiB = 1 << 30
+MiB = 1 << 20
 TIERS = ("ram", "ram_file", "disk")
 ISOLATION = ("none", "probe", "process")
 POOLING = ("unspecified", "none", "mean", "cls", "last")
@@ -72,6 +73,9 @@ class AppConfig:
     disk_quota: int = 20 * GiB
     policy: Any = None
     writer_max_concurrent: int = 4
+    writer_queue: int = 16
+    writer_queue_bytes: int = 256 * MiB
+    room_wait_s: float = 2.0
     pressure: Any = None
     model_intensity: int = 5
     model_period: float = 30.0
@@ -83,6 +87,11 @@ class AppConfig:
         for name in ("ram_quota", "ram_file_quota", "disk_quota"):
             _int(name, getattr(self, name), 0)
         _int("writer_max_concurrent", self.writer_max_concurrent, 1, 256)
+        _int("writer_queue", self.writer_queue, 0, 4096)
+        _int("writer_queue_bytes", self.writer_queue_bytes, 0)
+        if not isinstance(self.room_wait_s, int | float) or isinstance(self.room_wait_s, bool) \
+                or not 0 <= self.room_wait_s <= 60:
+            raise errors.ConfigError(f"room_wait_s must be seconds in [0, 60], got {self.room_wait_s!r}")
         _int("model_intensity", self.model_intensity, 0)
         if not isinstance(self.model_period, int | float) or isinstance(self.model_period, bool) \
                 or not 0 < self.model_period < 86400:
@@ -110,7 +119,8 @@ class AppConfig:
         return CacheConfig(ram_quota=self.ram_quota, ram_file_dir=self.ram_file_dir,
                            ram_file_quota=self.ram_file_quota, disk_dir=str(Path(self.cache_dir) / "kv"),
                            disk_quota=self.disk_quota, writer_max_concurrent=self.writer_max_concurrent,
-                           pressure=self.pressure)
+                           writer_queue=self.writer_queue, writer_queue_bytes=self.writer_queue_bytes,
+                           room_wait_s=self.room_wait_s, pressure=self.pressure)
 
 
 @dataclass(frozen=True)

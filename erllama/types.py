@@ -22,10 +22,13 @@ class Stats:
 
 @dataclass(frozen=True)
 class CacheDelta:
-    """Prompt tokens restored from the cache (``read``) and saved by this request (``created``)."""
+    """Prompt tokens restored from the cache (``read``) and saved by this request
+    (``created``); ``tier``: the cache tier that served the restore (``"ram"``,
+    ``"ram_file"`` or ``"disk"``; ``None`` when nothing was restored)."""
 
     read: int = 0
     created: int = 0
+    tier: str | None = None
 
 
 @dataclass(frozen=True)

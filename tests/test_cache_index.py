@@ -71,8 +71,15 @@ def test_move_between_tiers():
     with pytest.raises(Conflict):
         idx.begin_move(k(1), "disk")
     moved = idx.finish_move(k(1), "/dev/shm/x")
-    assert moved.tier == "ram_file" and idx.used == {"ram": 0, "ram_file": 900, "disk": 0}
+    # the old copy stays charged until its file is reported deleted
+    assert moved.tier == "ram_file" and idx.used == {"ram": 900, "ram_file": 900, "disk": 0}
+    assert idx.leaving == {(k(1), "ram"): 900}
+    with pytest.raises(Conflict):  # the key's old file in ram is still leaving
+        idx.begin_move(k(1), "ram")
+    assert idx.release(k(1), "ram") and not idx.release(k(1), "ram")
+    assert idx.used == {"ram": 0, "ram_file": 900, "disk": 0}
     assert idx.lru("ram") == [] and idx.lru("ram_file") == [k(1)]
+    assert idx.stats()["tiers"]["ram"]["moves_out"] == 1 and idx.stats()["tiers"]["ram_file"]["moves_in"] == 1
     assert idx.candidate_lengths(G1, 10) == [10]
     idx.insert_available(k(2), G1, 12, "disk", 3500, now=1.0)
     with pytest.raises(NoRoom):
@@ -112,9 +119,26 @@ class IndexMachine(RuleBasedStateMachine):
     def cancel(self, i):
         self.idx.cancel(k(i))
 
-    @rule(i=keys)
-    def remove(self, i):
-        self.idx.remove(k(i))
+    @rule(i=keys, hold=st.booleans(), reason=st.sampled_from(["evictions", "removed"]))
+    def remove(self, i, hold, reason):
+        self.idx.remove(k(i), reason=reason, hold=hold)
+
+    @rule(i=keys, tier=tiers)
+    def release(self, i, tier):
+        self.idx.release(k(i), tier)
+
+    @rule(tier=tiers, size=st.integers(0, 5000))
+    def room(self, tier, size):
+        room = self.idx.room(tier, size)
+        if room is None:
+            return
+        need = self.idx.used[tier] + size - self.idx.quotas[tier]
+        assert all(r.tier == tier and r.refcount == 0 and r.moving_to is None for r in room.victims)
+        held = sum(r.size for r in self.idx.rows.values()
+                   if r.tier == tier and r.refcount and r.status is RowStatus.AVAILABLE)
+        freeable = self.idx.outgoing(tier) + sum(r.size for r in room.victims) + held
+        assert need <= 0 or freeable >= need
+        assert room.wait == (need > 0 and not room.victims)
 
     @rule(i=keys, tier=tiers)
     def begin_move(self, i, tier):
@@ -159,8 +183,16 @@ class IndexMachine(RuleBasedStateMachine):
         for tier in TIERS:
             rows = [r for r in self.idx.rows.values() if r.tier == tier]
             incoming = [r for r in self.idx.rows.values() if r.moving_to == tier]
-            assert self.idx.used[tier] == sum(r.size for r in rows) + sum(r.size for r in incoming)
+            leaving = sum(n for (_, t), n in self.idx.leaving.items() if t == tier)
+            assert self.idx.used[tier] == sum(r.size for r in rows) + sum(r.size for r in incoming) + leaving
             assert self.idx.used[tier] <= self.idx.quotas[tier]
+            st_ = self.idx.stats()["tiers"][tier]
+            assert st_["charged"] == st_["bytes"] + st_["reserved"] + st_["moving_in"] + st_["leaving"]
+            assert st_["rows"] == (st_["adopted"] + st_["saves"] + st_["moves_in"] - st_["moves_out"]
+                                   - st_["evictions"] - st_["removed"])
+            per_group = self.idx.stats()["groups"]
+            assert sum(g["rows"][tier] for g in per_group.values()) == st_["rows"]
+            assert sum(g["bytes"][tier] for g in per_group.values()) == st_["bytes"]
             assert set(self.idx.lru(tier)) == {r.key for r in rows if r.status is RowStatus.AVAILABLE}
         assert all(r.refcount >= 0 for r in self.idx.rows.values())
         for g in (G1, G2):

@@ -182,21 +182,32 @@ def test_concurrent_lookups_and_saves_of_the_same_keys(store):
     assert store.reservations() == 0
 
 
-def test_back_pressure_drops_saves(tmp_path, monkeypatch):
+def test_back_pressure_queues_then_drops_saves(tmp_path, monkeypatch):
+    """One writer thread busy: the next save waits in the queue (bounded by jobs and by
+    bytes); beyond it saves are refused and counted, and a waiting (evict) save is queued."""
     counters.reset()
-    s = CacheStore.start(CacheConfig(ram_quota=10**6, ram_file_quota=0, disk_quota=0, writer_max_concurrent=1))
+    s = CacheStore.start(CacheConfig(ram_quota=10**6, ram_file_quota=0, disk_quota=0, writer_max_concurrent=1,
+                                     writer_queue=2, writer_queue_bytes=100_000))
     try:
         gate = threading.Event()
         real = s.tiers["ram"].put
         monkeypatch.setattr(s.tiers["ram"], "put", lambda k, p: (gate.wait(5), real(k, p)))
         first = s.save(row_meta([1]), None, payload(1))
         assert first is not None
-        assert s.save(row_meta([2]), None, payload(2)) is None
-        assert counters.get("saves_dropped") == 1
-        assert not s.flush(timeout=0.05)  # the first save still holds the only slot
+        queued = s.save(row_meta([2]), None, payload(2, 60_000))
+        assert queued is not None
+        assert s.save(row_meta([3]), None, payload(3, 60_000)) is None  # 120 kB over the queue's 100 kB
+        small = s.save(row_meta([4]), None, payload(4, 10_000))
+        assert small is not None
+        assert s.save(row_meta([5]), None, payload(5, 10)) is None  # two jobs wait already
+        assert counters.get("saves_dropped") == 2
+        assert s.stats()["writer"] == {"threads": 1, "busy": 3, "queued": 2, "queued_bytes": 70_000}
+        waited = s.save(row_meta([6]), None, payload(6, 10), wait=True)  # an evict save is always queued
+        assert not s.flush(timeout=0.05)  # the first save still holds the only thread
         gate.set()
         assert s.flush(timeout=5) and s.writer.busy == 0
-        assert first.result(timeout=5) == "saved"
+        assert [f.result(timeout=5) for f in (first, queued, small, waited)] == ["saved"] * 4
+        assert s.stats()["writer"]["queued_bytes"] == 0
     finally:
         s.close()
 
@@ -403,8 +414,12 @@ def test_a_dead_readers_checkout_is_released(store):
     assert store.evict_bytes(1)[0] == 1  # evictable again
 
 
-def test_expired_reservations_are_swept():
+def test_an_overdue_save_releases_its_waiters_but_keeps_its_charge():
+    """A writer that hangs past the TTL: readers waiting for its row go on without it,
+    but its bytes stay charged (its file may still be written) and the key stays its own
+    until it publishes or cancels."""
     from erllama.cache.counters import Counters
+    from erllama.cache.index import Conflict
     from erllama.cache.meta import RESERVATION_TTL, MetaServer, group_of
     from erllama.cache.tiers import RamTier
 
@@ -412,11 +427,19 @@ def test_expired_reservations_are_swept():
     ref = MetaServer.start({"ram": RamTier()}, {"ram": 1000}, stats=Counters(), clock=lambda: now[0])
     try:
         call = lambda name, *args: ref.ask(("call", name, args))  # noqa: E731
-        assert isinstance(call("reserve", b"k" * 32, group_of(KM), 3, "ram", 100), int)
+        key = b"k" * 32
+        token = call("reserve", key, group_of(KM), 3, "ram", 100)
+        assert isinstance(token, int)
+        waiter = call("wait_for", key)
         assert call("sweep") == 0 and call("reservations") == 1
-        now[0] += RESERVATION_TTL + 1  # the writer hung or vanished
-        assert call("sweep") == 1 and call("reservations") == 0
-        assert isinstance(call("reserve", b"k" * 32, group_of(KM), 3, "ram", 100), int)  # free again
+        now[0] += RESERVATION_TTL + 1  # the writer hung
+        assert call("sweep") == 1 and waiter.get(timeout=5) is None
+        assert call("reservations") == 1 and call("stats")["tiers"]["ram"]["reserved"] == 100
+        with pytest.raises(Conflict):
+            call("reserve", key, group_of(KM), 3, "ram", 100)
+        call("cancel", key, token)  # the writer comes back and gives up
+        assert call("reservations") == 0 and call("stats")["tiers"]["ram"]["charged"] == 0
+        assert isinstance(call("reserve", key, group_of(KM), 3, "ram", 100), int)  # free again
     finally:
         ref.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ def test_complete_and_cache_stats(tiny_path, tmp_path):
     assert "tokens; cache cold" in res.stdout
     res = run("cache", "stats", "--cache-dir", str(tmp_path))
     assert res.returncode == 0 and "disk" in res.stdout
+    res = run("cache", "stats", "--json", "--cache-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    for t in st["tiers"].values():
+        assert t["rows"] == t["adopted"] + t["saves"] + t["moves_in"] - t["moves_out"] - t["evictions"] - t["removed"]
+        assert t["bytes"] <= t["charged"] <= t["quota"]
     res = run("cache", "gc", "--cache-dir", str(tmp_path))
     assert res.returncode == 0 and "evicted" in res.stdout
     res = run("complete", str(tmp_path / "missing.gguf"), "x")

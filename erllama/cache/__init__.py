@@ -6,8 +6,8 @@ The module functions act on the store the application started (:func:`attach`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from erllama import errors
 from erllama.cache.counters import counters as _counters
@@ -15,23 +15,47 @@ from erllama.cache.counters import counters as _counters
 if TYPE_CHECKING:
     from erllama.cache.store import CacheStore
 
-__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "longest_prefix", "reset_counters"]
+__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "longest_prefix", "reset_counters",
+           "stats"]
 
 _store: CacheStore | None = None
 _prefix_of: Callable[[str, Sequence[int]], int] | None = None
+_groups_of: Callable[[], Mapping[str, bytes | None]] | None = None
 
 
-def attach(store: CacheStore, prefix_of: Callable[[str, Sequence[int]], int] | None = None) -> None:
+def attach(store: CacheStore, prefix_of: Callable[[str, Sequence[int]], int] | None = None,
+           groups_of: Callable[[], Mapping[str, bytes | None]] | None = None) -> None:
     """Make ``store`` the one these functions act on (the application does this);
-    ``prefix_of(model_id, tokens)`` answers :func:`longest_prefix` for a model's key."""
-    global _store, _prefix_of
-    _store, _prefix_of = store, prefix_of
+    ``prefix_of(model_id, tokens)`` answers :func:`longest_prefix` for a model's key;
+    ``groups_of()`` maps each loaded model id to its current key group (:func:`stats`)."""
+    global _store, _prefix_of, _groups_of
+    _store, _prefix_of, _groups_of = store, prefix_of, groups_of
 
 
 def detach() -> None:
     """Forget the current store (at application stop)."""
-    global _store, _prefix_of
-    _store, _prefix_of = None, None
+    global _store, _prefix_of, _groups_of
+    _store, _prefix_of, _groups_of = None, None, None
+
+
+def stats() -> dict[str, Any]:
+    """The cache at one moment (``CacheStore.stats``): per tier ``rows``, ``bytes``,
+    ``quota``, ``charged`` (= ``bytes`` + ``reserved`` + ``moving_in`` + ``leaving``, never
+    above the quota), the flows since start (``adopted``, ``saves``, ``moves_in``,
+    ``moves_out``, ``evictions``, ``removed``; ``rows`` always equals ``adopted + saves +
+    moves_in - moves_out - evictions - removed``) and ``hits``; ``reservations``;
+    ``writer`` (threads, busy, queued, queued_bytes); ``groups`` by key group; and
+    ``models``: for each loaded model, the ``rows``, ``bytes`` and ``hits`` per tier of
+    its current key (rows are shared by models loaded from the same file with the same
+    key parameters)."""
+    out = current().stats()
+    empty = {k: dict.fromkeys(out["tiers"], 0) for k in ("rows", "bytes", "hits")}
+    models = {}
+    for model_id, group in (_groups_of() if _groups_of is not None else {}).items():
+        per = out["groups"].get(group.hex()) if group is not None else None
+        models[model_id] = {k: {t: (per[k][t] if per else 0) for t in out["tiers"]} for k in empty}
+    out["models"] = models
+    return out
 
 
 def longest_prefix(model_id: str, tokens: Sequence[int]) -> int:

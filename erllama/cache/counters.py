@@ -1,4 +1,5 @@
-"""Process-wide cache counters (SPEC 4.10, plus per-tier bytes, demotions and promotions)."""
+"""Process-wide cache counters (SPEC 4.10, plus per-tier bytes and hits, demotions, promotions,
+spilled saves and waits for room)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import threading
 __all__ = ["COUNTER_NAMES", "Counters", "counters"]
 
 COUNTER_NAMES: tuple[str, ...] = (
-    "hits_exact", "hits_resume", "hits_longest_prefix", "misses",
+    "hits_exact", "hits_resume", "hits_longest_prefix", "misses", "hits_ram", "hits_ram_file", "hits_disk",
     "saves_cold", "saves_continued", "saves_finish", "saves_evict", "saves_shutdown",
-    "saves_dropped", "saves_failed", "duplicate_dropped",
+    "saves_dropped", "saves_failed", "saves_spilled", "room_waits", "duplicate_dropped",
     "evictions", "demotions", "promotions", "corrupt_files", "restores_failed",
     "pack_total_ns", "load_total_ns", "loads_crc_skipped", "longest_prefix_probes", "longest_prefix_ns",
     "bytes_ram", "bytes_ram_file", "bytes_disk",

@@ -55,6 +55,7 @@ __all__ = [
     "decode_tokens",
     "effective_fingerprint",
     "encode_tokens",
+    "group_of",
     "key_from_parts",
     "key_hex",
     "prefix_keys",
@@ -227,6 +228,12 @@ class KeyMeta:
             return plain
         pad = b"\x00" * (-len(ns) % 4)
         return NAMESPACE_TAG + len(ns).to_bytes(4, "little") + ns + pad + plain
+
+
+def group_of(meta: KeyMeta) -> bytes:
+    """The id of the rows that can be prefixes of each other (same fingerprint, quant,
+    context shape and namespace)."""
+    return hashlib.sha256(meta.header()).digest()
 
 
 def _token_error(arr: npt.NDArray[Any]) -> errors.InvalidToken:

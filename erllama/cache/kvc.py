@@ -406,6 +406,8 @@ class Row:
     logits: memoryview | None
     kv: memoryview
     check: Callable[[], bool] | None = field(default=None, repr=False)
+    tier: str | None = None
+    """The cache tier that served the row (set by ``CacheStore.restore``)."""
 
     @property
     def meta(self) -> RowMeta:

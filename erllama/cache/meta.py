@@ -9,7 +9,6 @@ RAM tier's rows), so a restart by its supervisor loses nothing that was publishe
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import threading
@@ -23,8 +22,8 @@ import pykka
 import supervision
 from erllama.cache import kvc
 from erllama.cache.counters import Counters, counters
-from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, Row, RowStatus
-from erllama.cache.key import KeyMeta
+from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, Room, Row, RowStatus
+from erllama.cache.key import KeyMeta, group_of
 
 __all__ = ["MetaServer", "group_of"]
 
@@ -45,11 +44,6 @@ def _tell_quietly(ref: pykka.ActorRef[Any], message: Any) -> None:
         pass
 
 
-def group_of(meta: KeyMeta) -> bytes:
-    """The id of the rows that can be prefixes of each other (same fp, quant, shape, namespace)."""
-    return hashlib.sha256(meta.header()).digest()
-
-
 def _group_of_parsed(m: kvc.RowMeta) -> bytes:
     return group_of(KeyMeta(m.fingerprint, m.quant, m.ctx_params_hash, m.namespace))
 
@@ -62,9 +56,12 @@ class _Reservation:
 
 @dataclass(frozen=True)
 class NeedRoom:
-    """Answer to a reservation: these rows must leave the tier first."""
+    """Answer to a reservation (or a demotion's target): these rows must leave the tier
+    first; with no victims, ``waiter`` is resolved at the next release of bytes (a move
+    or deletion in flight, or a reader letting go), after which the caller asks again."""
 
     victims: tuple[Row, ...]
+    waiter: pykka.ThreadingFuture[None] | None = None
 
 
 class MetaServer(supervision.Actor):
@@ -87,6 +84,7 @@ class MetaServer(supervision.Actor):
         # checkouts by holder actor: released when the holder dies (monitor Down)
         self._holders: dict[str, tuple[supervision.MonitorRef, dict[bytes, int]]] = {}
         self._sweeper: threading.Timer | None = None
+        self._room_waiters: list[pykka.ThreadingFuture[None]] = []
 
     # ---- startup -------------------------------------------------------------------------
 
@@ -138,16 +136,22 @@ class MetaServer(supervision.Actor):
             self._sweeper.cancel()
 
     def sweep(self) -> int:
-        """Drop reservations past their TTL (a writer that hung or vanished); returns how many."""
+        """Release the readers waiting on reservations past their TTL (a writer that hung):
+        they get ``None`` and go on without the row. The reservation itself, and its
+        charge, stay until its writer publishes or cancels: its file may still be written,
+        and the tier must account for it. Returns how many reservations are overdue."""
         now = self._clock()
-        stale = [(k, r.token) for k, r in self._reservations.items() if r.expires < now]
-        for key, token in stale:
-            logger.warning("dropping an expired reservation of %s", key.hex()[:16])
-            self.cancel(key, token)
+        stale = [k for k, r in self._reservations.items() if r.expires < now]
+        for key in stale:
+            if self._waiters.get(key):
+                logger.warning("a save of %s is overdue; releasing its waiters", key.hex()[:16])
+            for fut in self._waiters.pop(key, []):
+                fut.set(None)
         return len(stale)
 
-    _CALLS = frozenset({"reserve", "publish", "cancel", "demote", "promote", "finish_move", "abort_move", "checkout",
-                        "checkin", "remove", "evict", "wait_for", "reservations", "sweep", "holders", "sync"})
+    _CALLS = frozenset({"reserve", "publish", "cancel", "owns", "demote", "promote", "finish_move", "abort_move",
+                        "released", "checkout", "checkin", "remove", "lost", "evict", "wait_for", "reservations",
+                        "sweep", "holders", "stats", "sync"})
 
     _CASTS = frozenset({"checkin"})
 
@@ -174,25 +178,35 @@ class MetaServer(supervision.Actor):
         return None
 
     def reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> int | NeedRoom:
-        """Reserve a save: a token, or the rows that must leave ``tier`` first. Raises
-        ``AlreadyPresent``, ``Conflict`` (a live reservation) or ``NoRoom`` (cannot fit)."""
-        res = self._reservations.get(key)
-        if res is not None and res.expires < self._clock():
-            logger.warning("dropping an expired reservation of %s", key.hex()[:16])
-            self.cancel(key, res.token)
+        """Reserve a save: a token, or how ``tier`` makes room first. Raises
+        ``AlreadyPresent``, ``Conflict`` (a live reservation), ``Leaving`` (the key's old
+        file there is being deleted) or ``NoRoom`` (cannot fit)."""
         if tier not in self._tiers:
             raise NoRoom(f"tier {tier} is not configured")
         try:
             self.index.reserve(key, group, n_tokens, tier, size)
         except NoRoom:
-            plan = self.index.plan_room(tier, size)
-            if plan is None:
+            room = self.index.room(tier, size)
+            if room is None:
                 raise
-            return NeedRoom(tuple(plan))
+            return self._need_room(room)
         token = next(self._tokens)
         self._reservations[key] = _Reservation(token, self._clock() + RESERVATION_TTL)
         self._gauge()
         return token
+
+    def _need_room(self, room: Room) -> NeedRoom:
+        waiter: pykka.ThreadingFuture[None] | None = None
+        if room.wait:
+            waiter = pykka.ThreadingFuture()
+            self._room_waiters.append(waiter)
+        return NeedRoom(room.victims, waiter)
+
+    def _room_freed(self) -> None:
+        """Wake every writer waiting for room (each asks again)."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for fut in waiters:
+            fut.set(None)
 
     def publish(self, key: bytes, token: int, location: Any, size: int, hits: int = 0) -> Row:
         """A reserved row is written: make it available and wake its waiters."""
@@ -205,7 +219,7 @@ class MetaServer(supervision.Actor):
         return row
 
     def cancel(self, key: bytes, token: int) -> None:
-        """A reserved write failed: forget it (waiters get ``None``)."""
+        """A reserved write failed and left no file: forget it (waiters get ``None``)."""
         res = self._reservations.get(key)
         if res is None or res.token != token:
             return
@@ -214,50 +228,81 @@ class MetaServer(supervision.Actor):
         self._gauge()
         for fut in self._waiters.pop(key, []):
             fut.set(None)
+        self._room_freed()
+
+    def owns(self, key: bytes, token: int) -> bool:
+        """Whether ``token`` still holds the reservation of ``key``: a writer whose publish
+        failed deletes its file only then (else a restarted server may have adopted it)."""
+        res = self._reservations.get(key)
+        return res is not None and res.token == token
 
     def _check(self, key: bytes, token: int) -> None:
         res = self._reservations.get(key)
         if res is None or res.token != token:
             raise Conflict(f"the reservation of {key.hex()[:16]} expired or belongs to another writer")
 
-    def demote(self, key: bytes) -> tuple[str, str | None]:
-        """Decide the fate of a victim: ``("move", tier)`` (charged there now),
-        ``("drop", None)`` (forgotten; the caller deletes its bytes) or ``("busy", None)``."""
+    def demote(self, key: bytes, source: str, cascade: bool = True) -> tuple[Any, ...]:
+        """Decide, from the row's current state, the fate of a victim planned in ``source``:
+
+        * ``("busy",)``: it is no longer there, is being read or is already moving;
+        * ``("move", tier, row)``: copy it to ``tier`` (charged there now), then
+          :meth:`finish_move`, delete the source file, :meth:`released`;
+        * ``("room", tier, NeedRoom)``: the next slower tier must make room first
+          (``cascade``; a row is never dropped while a slower tier could take it);
+        * ``("drop", row)``: no slower tier can take it: forgotten, its bytes still charged
+          to ``source`` until the caller deletes its file and calls :meth:`released`.
+        """
         row = self.index.lookup_exact(key)
-        if row is None or row.refcount > 0 or row.moving_to is not None:
-            return ("busy", None)
-        slower = TIERS[TIERS.index(row.tier) + 1:]
-        for tier in slower:
-            if tier in self._tiers and self.index.free_bytes(tier) >= row.size:
-                self.index.begin_move(key, tier)
+        if row is None or row.tier != source or row.refcount > 0 or row.moving_to is not None:
+            return ("busy",)
+        for tier in TIERS[TIERS.index(source) + 1:]:
+            if tier not in self._tiers or (key, tier) in self.index.leaving:
+                continue
+            if self.index.free_bytes(tier) >= row.size:
+                moving = self.index.begin_move(key, tier)
                 self._gauge()
-                return ("move", tier)
-        self.index.remove(key)
+                return ("move", tier, moving)
+            room = self.index.room(tier, row.size) if cascade else None
+            if room is not None:
+                return ("room", tier, self._need_room(room))
+        self.index.remove(key, reason="evictions", hold=True)
         self._stats.add("evictions")
         self._gauge()
-        return ("drop", None)
+        return ("drop", row)
 
     def promote(self, key: bytes, tier: str) -> bool:
         """Start moving a row to the faster ``tier`` if it has free room (no eviction for a
         promotion); ``True`` when the caller should copy it."""
         row = self.index.lookup_exact(key)
         if row is None or row.moving_to is not None or tier not in self._tiers \
-                or TIERS.index(tier) >= TIERS.index(row.tier) or self.index.free_bytes(tier) < row.size:
+                or TIERS.index(tier) >= TIERS.index(row.tier) or self.index.free_bytes(tier) < row.size \
+                or (key, tier) in self.index.leaving:
             return False
         self.index.begin_move(key, tier)
         self._gauge()
         return True
 
     def finish_move(self, key: bytes, location: Any) -> Row:
-        """The victim's bytes are in its new tier."""
+        """The row's bytes are in its new tier: it lives there now. Its old file stays
+        charged to the old tier until the caller deletes it and calls :meth:`released`."""
+        source = self.index.rows[key].tier
         row = self.index.finish_move(key, location)
+        self._stats.add("demotions" if TIERS.index(row.tier) > TIERS.index(source) else "promotions")
         self._gauge()
         return row
 
     def abort_move(self, key: bytes) -> None:
-        """Copying a victim failed: it stays where it was."""
+        """Copying a row failed (the copy left no file): it stays where it was."""
         self.index.abort_move(key)
         self._gauge()
+        self._room_freed()
+
+    def released(self, keys: list[tuple[bytes, str]]) -> int:
+        """These leaving files are deleted: uncharge their tiers; returns how many were leaving."""
+        n = sum(self.index.release(key, tier) for key, tier in keys)
+        self._gauge()
+        self._room_freed()
+        return n
 
     def checkout(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> Row | None:
         """A reader takes an available row (refcount + 1), or ``None``. A ``holder`` actor's
@@ -277,7 +322,8 @@ class MetaServer(supervision.Actor):
     def checkin(self, key: bytes, holder: pykka.ActorRef[Any] | None = None) -> None:
         """A reader is done with a row (sent as a cast: the reader does not wait); a file
         row's hit count is persisted in its header."""
-        self.index.checkin(key)
+        if self.index.checkin(key) and self._room_waiters:
+            self._room_freed()
         row = self.index.lookup_exact(key)
         if row is not None and row.tier != "ram" and row.location is not None:
             self._tiers[row.tier].write_hits(key, row.hits)
@@ -299,21 +345,36 @@ class MetaServer(supervision.Actor):
         for key, n in entry[1].items():
             for _ in range(n):
                 self.index.checkin(key)
+        self._room_freed()
         logger.info("released %d checkouts of dead reader %s", sum(entry[1].values()), down.actor_ref)
 
     def holders(self) -> int:
         """Readers with checkouts outstanding."""
         return len(self._holders)
 
-    def remove(self, key: bytes) -> Row | None:
-        """Forget an available row (a reader found it corrupt, or it was deleted)."""
-        row = self.index.remove(key)
-        self._gauge()
+    def remove(self, key: bytes, tier: str) -> Row | None:
+        """Forget a row of ``tier`` whose file a reader found corrupt (and deleted) or
+        missing; nothing if the row lives elsewhere by now."""
+        row = self.index.remove(key, reason="removed", tier=tier)
+        if row is not None:
+            self._gauge()
+            self._room_freed()
         return row
+
+    def lost(self, key: bytes, tier: str) -> Row | None:
+        """A reader holding ``key`` found no bytes in ``tier``: ``None`` after forgetting
+        the row if it still claims that tier, else the row where it lives now (it was
+        moved while the reader waited: read it there)."""
+        row = self.index.get(key)
+        if row is not None and row.status is RowStatus.AVAILABLE and row.tier != tier:
+            return row
+        self.remove(key, tier)
+        return None
 
     def evict(self, n_bytes: int, tiers: tuple[str, ...] | None = None) -> list[Row]:
         """Forget least recently used unreferenced rows of ``tiers`` until ``n_bytes`` are
-        freed (all of them when ``n_bytes`` < 0); the caller deletes their bytes."""
+        freed (all of them when ``n_bytes`` < 0). Their bytes stay charged until the
+        caller has deleted them and calls :meth:`released`."""
         out: list[Row] = []
         freed = 0
         for tier in tiers or TIERS:
@@ -322,7 +383,7 @@ class MetaServer(supervision.Actor):
                     break
                 row = self.index.rows[key]
                 if row.refcount == 0 and row.moving_to is None:
-                    self.index.remove(key)
+                    self.index.remove(key, reason="evictions", hold=True)
                     out.append(row)
                     freed += row.size
         self._stats.add("evictions", len(out))
@@ -343,6 +404,13 @@ class MetaServer(supervision.Actor):
     def reservations(self) -> int:
         """Number of live reservations (for leak checks)."""
         return len(self._reservations)
+
+    def stats(self) -> dict[str, Any]:
+        """One consistent snapshot of the index (:meth:`Index.stats`) for the configured tiers."""
+        out = self.index.stats()
+        out["tiers"] = {t: v for t, v in out["tiers"].items() if t in self._tiers}
+        out["reservations"] = len(self._reservations)
+        return out
 
     def sync(self) -> None:
         """Nothing: answering it proves every earlier message of the sender was handled."""

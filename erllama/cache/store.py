@@ -9,6 +9,7 @@ it in (a message that is not waited for).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -25,7 +26,7 @@ import supervision
 from erllama import errors
 from erllama.cache import kvc
 from erllama.cache.counters import Counters, counters
-from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, NoRoom, Row
+from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, Leaving, NoRoom, Row
 from erllama.cache.key import KeyMeta, cache_key, prefix_keys
 from erllama.cache.meta import MetaServer, NeedRoom, group_of
 from erllama.cache.pressure import CheckNow, PressureConfig
@@ -58,7 +59,10 @@ class CacheConfig:
     disk_dir: str | None = None
     disk_quota: int = 20 * GiB
     writer_max_concurrent: int = 4
+    writer_queue: int = 16
+    writer_queue_bytes: int = 256 << 20
     parent_wait_s: float = 0.5
+    room_wait_s: float = 2.0
     pressure: PressureConfig = field(default_factory=PressureConfig)
 
     def __post_init__(self) -> None:
@@ -71,8 +75,18 @@ class CacheConfig:
         w = self.writer_max_concurrent
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise errors.ConfigError(f"writer_max_concurrent must be an int >= 1, got {w!r}")
-        if not isinstance(self.parent_wait_s, int | float) or not 0 <= self.parent_wait_s <= 60:
-            raise errors.ConfigError(f"parent_wait_s must be within [0, 60] seconds, got {self.parent_wait_s!r}")
+        for name in ("writer_queue", "writer_queue_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise errors.ConfigError(f"{name} must be an int >= 0, got {v!r}")
+        for name in ("parent_wait_s", "room_wait_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 60:
+                raise errors.ConfigError(f"{name} must be within [0, 60] seconds, got {v!r}")
+
+    def quota(self, tier: str) -> int:
+        """The byte quota of ``tier``."""
+        return {"ram": self.ram_quota, "ram_file": self.ram_file_quota, "disk": self.disk_quota}[tier]
 
     def resolved_ram_file_dir(self) -> Path:
         """The tmpfs directory (default ``/dev/shm/erllama-<uid>``)."""
@@ -98,7 +112,7 @@ class CacheStore:
 
     def __init__(self, config: CacheConfig, *, stats: Counters = counters) -> None:
         self.config = config
-        self.stats = stats
+        self.counters = stats
         self.tiers: dict[str, Any] = {}
         # one pool of read buffers for publish read-backs, restores and moves between files
         self.buffers = BufferPool(keep=2)
@@ -119,7 +133,8 @@ class CacheStore:
         poller = pressure_child_spec(config.pressure, self.evict_bytes, name=self._pressure_name)
         self._sup = supervision.start_supervisor(
             supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec, poller])
-        self.writer = WriterPool(config.writer_max_concurrent)
+        self.writer = WriterPool(config.writer_max_concurrent, queue=config.writer_queue,
+                                 queue_bytes=config.writer_queue_bytes)
 
     @classmethod
     def start(cls, config: CacheConfig | None = None, **overrides: Any) -> CacheStore:
@@ -150,17 +165,17 @@ class CacheStore:
         deadline = time.monotonic() + timeout
         rows = sorted((r for r in list(self.index.rows.values()) if r.tier == "ram"),
                       key=lambda r: r.last_used, reverse=True)
-        before = self.stats.get("demotions")
+        before = self.counters.get("demotions")
         for row in rows:
             if time.monotonic() > deadline:
                 logger.warning("cache close: %d ram rows not persisted within %s s", len(rows), timeout)
                 break
             try:
-                self._demote(row)
+                self._demote(row.key, "ram", deadline)
             except Exception as exc:  # the meta server went away: nothing more to move
                 logger.warning("cache close: persisting %s failed: %s", row.key.hex()[:16], exc)
                 break
-        return self.stats.get("demotions") - before
+        return self.counters.get("demotions") - before
 
     @property
     def index(self) -> Index:
@@ -192,75 +207,134 @@ class CacheStore:
             raise errors.ConfigError(f"tier {tier!r} is not configured (have {sorted(self.tiers)})")
         if wait:
             return self.writer.submit(self._save_job, meta, logits, kv, tier)
-        fut = self.writer.try_submit(self._save_job, meta, logits, kv, tier)
+        nbytes = memoryview(kv).nbytes + (0 if logits is None else memoryview(logits).nbytes)
+        fut = self.writer.try_submit(self._save_job, meta, logits, kv, tier, nbytes=nbytes)
         if fut is None:
-            self.stats.add("saves_dropped")
+            self.counters.add("saves_dropped")
         return fut
 
     def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
         km = KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace)
         key = cache_key(km, meta.token_ids)
         if self.index.lookup_exact(key) is not None:  # before the CRC: a finish save often repeats a row
-            self.stats.add("duplicate_dropped")
+            self.counters.add("duplicate_dropped")
             return "duplicate"
         parts = encode_row(meta, logits, kv)
         try:
             token, tier = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
         except AlreadyPresent:
-            self.stats.add("duplicate_dropped")
+            self.counters.add("duplicate_dropped")
             return "duplicate"
-        except (Conflict, NoRoom):
-            self.stats.add("saves_failed")
+        except Conflict:  # another writer is saving the same row right now
+            self.counters.add("duplicate_dropped")
+            return "duplicate"
+        except NoRoom:
+            self.counters.add("saves_failed")
             raise
         try:
             location = self.tiers[tier].put(key, parts)
-            self._ask("publish", key, token, location, parts.size)
-        except BaseException:
-            self.stats.add("saves_failed")
+        except BaseException:  # put leaves no file behind
+            self.counters.add("saves_failed")
             with contextlib.suppress(Exception):
                 self._ask("cancel", key, token)
-            if tier != "ram":
-                self.tiers[tier].delete(key)
+            raise
+        try:
+            self._ask("publish", key, token, location, parts.size)
+        except BaseException:
+            self.counters.add("saves_failed")
+            # delete the file only while the reservation is still ours: a restarted meta
+            # server may have adopted it from its scan
+            with contextlib.suppress(Exception):
+                if self._ask("owns", key, token):
+                    self.tiers[tier].delete(key)
+                    self._ask("cancel", key, token)
             raise
         reason = kvc.SaveReason(meta.save_reason).name.lower()
         if reason != "unknown":
-            self.stats.add(f"saves_{reason}")
+            self.counters.add(f"saves_{reason}")
         return "saved"
 
     def _reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> tuple[int, str]:
-        """Reserve in ``tier``, demoting its LRU rows to make room; a row larger than the
-        tier's whole quota goes to the next slower configured tier."""
+        """Reserve in ``tier``, demoting its least recently used rows to make room, and
+        waiting (up to ``room_wait_s``) for bytes already on their way out. A row larger
+        than the tier's whole quota goes to the next slower configured tier; so does one
+        that found no room in time (counted in ``saves_spilled``)."""
         slower = [t for t in TIERS[TIERS.index(tier):] if t in self.tiers]
         for candidate in slower:
-            for _ in range(16):
+            deadline = time.monotonic() + self.config.room_wait_s
+            while True:
                 try:
                     res = self._ask("reserve", key, group, n_tokens, candidate, size)
                 except NoRoom:
                     break
+                except Leaving:  # the key's old file there is being deleted: a moment
+                    time.sleep(0.001)
+                    continue
                 if not isinstance(res, NeedRoom):
+                    if candidate != tier and size <= self.config.quota(tier):
+                        self.counters.add("saves_spilled")
                     return res, candidate
-                for victim in res.victims:
-                    self._demote(victim)
+                if not self._make_room(res, candidate, deadline):
+                    break
         raise NoRoom(f"no configured tier from {tier} on can take {size} bytes")
 
-    def _demote(self, victim: Row) -> None:
-        action, target = self._ask("demote", victim.key)
-        source = self.tiers[victim.tier]
-        if action == "drop":
-            source.delete(victim.key)
-            return
-        if action != "move":
-            return
+    def _make_room(self, need: NeedRoom, tier: str, deadline: float) -> bool:
+        """Act on a :class:`NeedRoom` answer for ``tier``: demote its victims, or wait for
+        the next release of bytes. ``False`` once ``deadline`` has passed."""
+        for victim in need.victims:
+            self._demote(victim.key, tier, deadline)
+        if need.waiter is not None:
+            self.counters.add("room_waits")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(Exception):
+                need.waiter.get(timeout=left)
+        return time.monotonic() < deadline
+
+    def _demote(self, key: bytes, source: str, deadline: float | None = None) -> bool:
+        """Move a row out of ``source`` to the next slower tier that has or can make room
+        (its least recently used rows go further down first), or drop it when none can.
+        The meta server decides from the row's current state; ``False`` if the row had
+        already left, was being read or was moving."""
+        if deadline is None:
+            deadline = time.monotonic() + self.config.room_wait_s
+        while True:
+            decision = self._ask("demote", key, source, time.monotonic() < deadline)
+            if decision[0] == "busy":
+                return False
+            if decision[0] == "drop":
+                self._delete(key, source)
+                return True
+            if decision[0] == "room":
+                self._make_room(decision[2], decision[1], deadline)
+                continue
+            _, target, row = decision
+            return self._move(row, target)
+
+    def _move(self, row: Row, target: str) -> bool:
+        """Copy a row whose move to ``target`` has begun, switch the index to the copy, then
+        delete the old file and uncharge it."""
         try:
-            with self._parts(victim) as parts:
-                location = self.tiers[target].put(victim.key, parts)
+            with self._parts(row) as parts:
+                location = self.tiers[target].put(row.key, parts)
         except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
-            logger.warning("demotion of %s to %s failed: %s", victim.key.hex()[:16], target, exc)
-            self._ask("abort_move", victim.key)
+            logger.warning("moving %s from %s to %s failed: %s", row.key.hex()[:16], row.tier, target, exc)
+            self._ask("abort_move", row.key)
+            return False
+        self._ask("finish_move", row.key, location)
+        self._delete(row.key, row.tier)
+        return True
+
+    def _delete(self, key: bytes, tier: str) -> None:
+        """Delete a leaving row's bytes from ``tier``, then uncharge them. A file that
+        cannot be deleted stays charged."""
+        try:
+            self.tiers[tier].delete(key)
+        except OSError as exc:
+            logger.warning("cannot delete %s from %s: %s", key.hex()[:16], tier, exc)
             return
-        self._ask("finish_move", victim.key, location)
-        source.delete(victim.key)
-        self.stats.add("demotions")
+        self._ask("released", [(key, tier)])
 
     # ---- finding ---------------------------------------------------------------------------------
 
@@ -272,13 +346,13 @@ class CacheStore:
         index = self.index
         key = cache_key(meta, toks)
         if index.lookup_exact(key) is not None:
-            self.stats.add("hits_exact")
+            self.counters.add("hits_exact")
             return Hit("exact", key, len(toks))
         if parent_key is not None:
             row = self._wait_parent(parent_key)
             if row is not None and row.n_tokens <= len(toks) and row.group == group_of(meta) \
                     and cache_key(meta, toks[: row.n_tokens]) == parent_key:
-                self.stats.add("hits_resume")
+                self.counters.add("hits_resume")
                 return Hit("resume", parent_key, row.n_tokens)
         lengths = index.candidate_lengths(group_of(meta), len(toks) - 1)
         probes = 0
@@ -286,22 +360,22 @@ class CacheStore:
             probes += 1
             if index.lookup_exact(k) is not None:
                 self._prefix_stats(probes, t0)
-                self.stats.add("hits_longest_prefix")
+                self.counters.add("hits_longest_prefix")
                 return Hit("partial", k, n)
         self._prefix_stats(probes, t0)
-        self.stats.add("misses")
+        self.counters.add("misses")
         return None
 
     def restore_failed(self, hit: Hit) -> None:
         """A hit whose row then did not restore: count it as the miss it turned into."""
         kind = {"exact": "hits_exact", "resume": "hits_resume", "partial": "hits_longest_prefix"}[hit.kind]
-        self.stats.add(kind, -1)
-        self.stats.add("misses")
-        self.stats.add("restores_failed")
+        self.counters.add(kind, -1)
+        self.counters.add("misses")
+        self.counters.add("restores_failed")
 
     def _prefix_stats(self, probes: int, t0: int) -> None:
-        self.stats.add("longest_prefix_probes", probes)
-        self.stats.add("longest_prefix_ns", time.perf_counter_ns() - t0)
+        self.counters.add("longest_prefix_probes", probes)
+        self.counters.add("longest_prefix_ns", time.perf_counter_ns() - t0)
 
     def _wait_parent(self, key: bytes) -> Row | None:
         res = self._ask("wait_for", key)
@@ -342,7 +416,7 @@ class CacheStore:
         try:
             with self._load(row, verify_late) as data:
                 if data is not None:
-                    self.stats.add("load_total_ns", time.perf_counter_ns() - t0)
+                    self.counters.add("load_total_ns", time.perf_counter_ns() - t0)
                 yield data
         finally:
             self._tell("checkin", key, holder)
@@ -355,35 +429,42 @@ class CacheStore:
         """Move a row hit on disk into the ``ram_file`` tier when it has free room."""
         if not self._ask("promote", row.key, tier):
             return
-        source = self.tiers[row.tier]
-        try:
-            with self._parts(row) as parts:
-                location = self.tiers[tier].put(row.key, parts)
-        except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
-            logger.warning("promotion of %s failed: %s", row.key.hex()[:16], exc)
-            self._ask("abort_move", row.key)
-            return
-        self._ask("finish_move", row.key, location)
-        source.delete(row.key)
-        self.stats.add("promotions")
+        current = self.index.get(row.key)
+        self._move(current if current is not None else row, tier)
 
     @contextlib.contextmanager
     def _load(self, row: Row, late: bool = False) -> Iterator[kvc.Row | None]:
-        """The row's bytes for the ``with`` block (``None`` when gone or corrupt); a file
-        row is read into a buffer of the pool, given back after the block (and after a
-        late CRC check has finished with it)."""
-        tier = self.tiers[row.tier]
-        buf = None if row.tier == "ram" else self.buffers.take(row.size)
-        try:
+        """The row's bytes for the ``with`` block (``None`` when gone or corrupt), with the
+        tier that served them; a file row is read into a buffer of the pool, given back
+        after the block (and after a late CRC check has finished with it). A row moved
+        between the check-out and the read is read where it went."""
+        buf = None
+        data = None
+        for _ in range(2):
+            tier = self.tiers[row.tier]
+            buf = None if row.tier == "ram" else self.buffers.take(row.size)
             try:
                 if buf is None:
                     data = tier.load(row.key)
                 else:
-                    data = tier.load(row.key, buf, late=late, on_corrupt=lambda: self._ask("remove", row.key))
+                    data = tier.load(row.key, buf, late=late,
+                                     on_corrupt=lambda r=row: self._ask("remove", r.key, r.tier))
+                data = dataclasses.replace(data, tier=row.tier)
+                break
             except (kvc.CorruptRow, FileNotFoundError, KeyError) as exc:
-                logger.warning("cache row %s in %s cannot be served: %s", row.key.hex()[:16], row.tier, exc)
-                self._ask("remove", row.key)
-                data = None
+                if buf is not None:
+                    self.buffers.give(buf)
+                    buf = None
+                moved = None if isinstance(exc, kvc.CorruptRow) else self._ask("lost", row.key, row.tier)
+                if moved is None:
+                    logger.warning("cache row %s in %s cannot be served: %s", row.key.hex()[:16], row.tier, exc)
+                    if isinstance(exc, kvc.CorruptRow):
+                        self._ask("remove", row.key, row.tier)
+                    break
+                row = moved
+        try:
+            if data is not None:
+                self.counters.add(f"hits_{row.tier}")
             try:
                 yield data
             except BaseException:
@@ -414,8 +495,18 @@ class CacheStore:
     def evict_bytes(self, n_bytes: int, tiers: tuple[str, ...] | None = None) -> tuple[int, int]:
         """Evict least recently used unreferenced rows until ``n_bytes`` are freed."""
         rows = self._ask("evict", n_bytes, tuple(tiers) if tiers else None)
-        for row in rows:
-            self.tiers[row.tier].delete(row.key)
+        gone = []
+        try:
+            for row in rows:
+                try:
+                    self.tiers[row.tier].delete(row.key)
+                except OSError as exc:  # the file stays, and stays charged
+                    logger.warning("cannot delete %s from %s: %s", row.key.hex()[:16], row.tier, exc)
+                    continue
+                gone.append((row.key, row.tier))
+        finally:
+            if gone:
+                self._ask("released", gone)
         return len(rows), sum(r.size for r in rows)
 
     def gc(self) -> int:
@@ -434,6 +525,19 @@ class CacheStore:
     def reservations(self) -> int:
         """Live reservations (0 when no save is in flight)."""
         return self._ask("reservations")
+
+    def stats(self) -> dict[str, Any]:
+        """One consistent snapshot of the cache, taken by the meta server between two of
+        its messages: per configured tier ``rows``, ``bytes``, ``quota``, the ``charged``
+        bytes (rows + ``reserved`` + ``moving_in`` + ``leaving``; never above the quota)
+        and the flows since this store started, for which
+        ``rows == adopted + saves + moves_in - moves_out - evictions - removed`` always
+        holds, and ``hits``; per key group (hex) rows, bytes and hits per tier; live
+        ``reservations``; and the writer pool's ``threads``, ``busy``, ``queued`` and
+        ``queued_bytes``. See ``docs/guides/caching.md``."""
+        out = self._ask("stats")
+        out["writer"] = self.writer.stats()
+        return out
 
     def sync(self) -> None:
         """Wait until the meta server has handled every message this thread sent before,

@@ -1,8 +1,9 @@
 """The writer pool: a bounded set of threads that do the cache's file work.
 
-A save is refused at once, not queued, when every slot is busy (the caller counts it in
-``saves_dropped``): decode must never wait for disk. Evict and shutdown saves wait for
-their future instead.
+A save runs at once when a thread is free, else waits in a short queue bounded by jobs and
+bytes; beyond that it is refused, not blocked (the caller counts it in
+``saves_dropped``): decode must never wait for disk. Evict and shutdown saves, whose
+callers wait for the result anyway, are always queued.
 """
 
 from __future__ import annotations
@@ -18,54 +19,77 @@ T = TypeVar("T")
 
 
 class WriterPool:
-    """At most ``max_concurrent`` jobs running or queued; :meth:`try_submit` refuses more."""
+    """``max_concurrent`` threads; up to ``queue`` more jobs holding at most
+    ``queue_bytes`` bytes wait for one; :meth:`try_submit` refuses beyond that."""
 
-    def __init__(self, max_concurrent: int) -> None:
-        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-            msg = f"max_concurrent must be an int >= 1, got {max_concurrent!r}"
-            raise ValueError(msg)
+    def __init__(self, max_concurrent: int, *, queue: int = 0, queue_bytes: int = 0) -> None:
+        for name, v, low in (("max_concurrent", max_concurrent, 1), ("queue", queue, 0),
+                             ("queue_bytes", queue_bytes, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                msg = f"{name} must be an int >= {low}, got {v!r}"
+                raise ValueError(msg)
         self.max_concurrent = max_concurrent
+        self.queue = queue
+        self.queue_bytes = queue_bytes
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="erllama-writer")
-        self._slots = threading.BoundedSemaphore(max_concurrent)
         self._lock = threading.Condition()
-        self._busy = 0
+        self._busy = 0  # running or waiting
+        self._waiting_bytes = 0
 
     @property
     def busy(self) -> int:
         """Jobs running or queued."""
         return self._busy
 
-    def try_submit(self, fn: Callable[..., T], *args: Any) -> Future[T] | None:
-        """Run ``fn(*args)`` on a writer thread, or return ``None`` when all slots are busy."""
-        if not self._slots.acquire(blocking=False):
-            return None
+    def stats(self) -> dict[str, int]:
+        """``threads``, ``busy`` (running or queued), ``queued`` and ``queued_bytes`` (not started)."""
         with self._lock:
-            self._busy += 1
+            return {"threads": self.max_concurrent, "busy": self._busy, "queued": max(0, self._busy - self.max_concurrent),
+                    "queued_bytes": self._waiting_bytes}
+
+    def try_submit(self, fn: Callable[..., T], *args: Any, nbytes: int = 0) -> Future[T] | None:
+        """Run ``fn(*args)`` on a writer thread, or return ``None`` when every thread is
+        busy and the queue is full (jobs, or ``nbytes`` more than its bytes allow)."""
+        with self._lock:
+            if self._busy >= self.max_concurrent and (
+                    self._busy - self.max_concurrent >= self.queue or self._waiting_bytes + nbytes > self.queue_bytes):
+                return None
+            self._enter(nbytes)
+        return self._start(fn, args, nbytes)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` on a writer thread, queued behind the jobs before it however
+        many there are (the caller waits for its result)."""
+        with self._lock:
+            self._enter(0)
+        return self._start(fn, args, 0)
+
+    def _enter(self, nbytes: int) -> None:
+        self._busy += 1
+        self._waiting_bytes += nbytes
+
+    def _start(self, fn: Callable[..., T], args: tuple[Any, ...], nbytes: int) -> Future[T]:
         try:
-            fut = self._pool.submit(fn, *args)
+            fut = self._pool.submit(self._run, fn, args, nbytes)
         except BaseException:
+            self._started(nbytes)
             self._release()
             raise
         fut.add_done_callback(lambda _f: self._release())
         return fut
 
-    def submit(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> Future[T]:
-        """Run ``fn(*args)`` on a writer thread, waiting up to ``timeout`` for a slot.
-        Raises ``TimeoutError`` when no slot frees in time."""
-        if not self._slots.acquire(timeout=timeout if timeout is not None else -1):
-            msg = f"no writer slot within {timeout} s"
-            raise TimeoutError(msg)
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], nbytes: int) -> T:
+        self._started(nbytes)
+        return fn(*args)
+
+    def _started(self, nbytes: int) -> None:
         with self._lock:
-            self._busy += 1
-        fut = self._pool.submit(fn, *args)
-        fut.add_done_callback(lambda _f: self._release())
-        return fut
+            self._waiting_bytes -= nbytes
 
     def _release(self) -> None:
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()
-        self._slots.release()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no job runs or waits; ``False`` if ``timeout`` passed first."""

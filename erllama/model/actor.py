@@ -39,7 +39,7 @@ from erllama import errors
 from erllama import messages as msg
 from erllama.backend.protocol import Backend
 from erllama.cache import kvc
-from erllama.cache.key import KeyMeta, cache_key
+from erllama.cache.key import KeyMeta, cache_key, group_of
 from erllama.cache.policy import SavePolicy, cold_save_split, should_continued_save, should_finish_save
 from erllama.messages import Submit
 from erllama.model.adapters import AdapterSet
@@ -68,6 +68,9 @@ class Observed:
     phase: str = "idle"
     pending_len: int = 0
     last_cache_hit: tuple[str, int] | None = None
+    key_group: bytes | None = None
+    """The cache key group of the model's current key (fingerprint with adapters, quant,
+    context shape, namespace): ``erllama.cache.stats()`` reports its rows per model."""
     last_failure: str | None = None
     last_exit_signal: str | None = None
 
@@ -97,6 +100,7 @@ class ModelActor(supervision.Actor):
         self.policy = policy or SavePolicy()
         self.tier = tier
         self.observed = observed or Observed()
+        self.observed.key_group = group_of(key_meta) if key_meta is not None else None
         self.redirect = redirect
         # lowest id first, and each step's rows in id order: llama.cpp batches only
         # consecutive increasing sequence ids into one ubatch (kv_unified=False), so a
@@ -194,6 +198,7 @@ class ModelActor(supervision.Actor):
         if self.key_meta is not None:
             self.key_meta = dataclasses.replace(self.key_meta,
                                                 fingerprint=self.adapters.fingerprint(self.base_fingerprint))
+            self.observed.key_group = group_of(self.key_meta)
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -386,6 +391,8 @@ class ModelActor(supervision.Actor):
                         logger.warning("model %s: cached row does not restore: %s", self.model_id, exc)
                     if restored >= 0 and not row.verified():
                         restored = -1  # corrupt: removed and counted by the store
+                    if restored == hit.n_tokens:
+                        req.cache_tier = row.tier
                     if restored == hit.n_tokens and hit.n_tokens == len(req.prompt):
                         logits = np.frombuffer(row.logits, dtype=np.float32).copy()
             if restored != hit.n_tokens:
@@ -422,7 +429,7 @@ class ModelActor(supervision.Actor):
         except errors.ErllamaError as exc:
             logger.warning("model %s: state_get failed, no %s save: %s", self.model_id, reason.name, exc)
             return None
-        self.cache.stats.add("pack_total_ns", time.perf_counter_ns() - t0)
+        self.cache.counters.add("pack_total_ns", time.perf_counter_ns() - t0)
         meta = kvc.RowMeta(fingerprint=km.fingerprint, quant=km.quant, ctx_params_hash=km.ctx_params_hash,
                            namespace=km.namespace, tokens=tokens, save_reason=reason,
                            context_size=self.backend.n_ctx_seq)

@@ -82,6 +82,7 @@ class Request:
         self.cache_hit = "cold"
         self.key_meta: Any = None  # the cache key's metadata, fixed at admission
         self.cache_read = 0
+        self.cache_tier: str | None = None
         self.cache_created = 0
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
@@ -114,6 +115,7 @@ class Request:
                       queued_ms=((self.t_admit or now) - self.t_submit) * 1e3)
         return Completion(text="".join(self.parts), tokens=tuple(self.generated), context_tokens=len(self.context),
                           finish_reason=finish_reason, finish_key=self.finish_key, cache_hit=self.cache_hit,
-                          cache_delta=CacheDelta(read=self.cache_read, created=self.cache_created),
+                          cache_delta=CacheDelta(read=self.cache_read, created=self.cache_created,
+                                                 tier=self.cache_tier),
                           stop_sequence=self.text.matched,
                           stats=stats)
