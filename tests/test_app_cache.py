@@ -45,6 +45,20 @@ def test_cold_then_warm_on_the_tiny_model(app, tiny_path):
     c = erllama.cache.counters()
     assert (c["misses"], c["hits_exact"], c["hits_longest_prefix"]) == (1, 1, 1)
     assert c["saves_cold"] == 2 and c["saves_finish"] >= 1
+    # which tier served each hit, and the rows per model
+    assert cold.cache_delta.tier is None and warm.cache_delta.tier == part.cache_delta.tier == "ram"
+    assert c["hits_ram"] == 2 and c["hits_ram_file"] == c["hits_disk"] == 0
+    assert erllama.cache.current().flush(10)
+    st = erllama.cache.stats()
+    assert st["tiers"]["ram"]["hits"] == 2 and st["reservations"] == 0
+    assert st["models"][mid]["rows"]["ram"] == st["tiers"]["ram"]["rows"] == len(erllama.cache.current().index.rows)
+    assert st["models"][mid]["hits"] == {"ram": 2, "ram_file": 0, "disk": 0}
+    # rows moved down to ram_file serve the next hit from there
+    moved = erllama.cache.current().persist_ram()
+    assert moved == st["tiers"]["ram"]["rows"] and erllama.cache.stats()["tiers"]["ram"]["rows"] == 0
+    again = erllama.complete(mid, prompt, max_tokens=12)
+    assert again.cache_hit == "exact" and again.cache_delta.tier == "ram_file" and again.tokens == cold.tokens
+    assert erllama.cache.counters()["hits_ram_file"] == 1
 
 
 def test_a_conversation_resent_in_full_hits_every_turn(app, tiny_chatml_path):

@@ -247,8 +247,8 @@ class Index:
             self.leaving[(key, row.tier)] = row.size
         else:
             self.used[row.tier] -= row.size
-        if row.moving_to is not None:
-            self.used[row.moving_to] -= row.size
+        if row.moving_to is not None:  # its mover's copy is leaving too
+            self.leaving[(key, row.moving_to)] = row.size
         del self._recency[row.tier][key]
         counts = self._lengths[row.group]
         counts[row.n_tokens] -= 1
@@ -286,8 +286,8 @@ class Index:
     def finish_move(self, key: bytes, location: Any) -> Row:
         """The bytes are in the new tier: the row lives there now; its old file is leaving
         (charged to the old tier until :meth:`release`)."""
-        row = self.rows[key]
-        if row.moving_to is None:
+        row = self.rows.get(key)
+        if row is None or row.moving_to is None:
             raise Conflict(f"row {key.hex()[:16]} is not moving")
         self.leaving[(key, row.tier)] = row.size
         del self._recency[row.tier][key]

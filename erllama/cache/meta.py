@@ -248,7 +248,8 @@ class MetaServer(supervision.Actor):
         * ``("move", tier, row)``: copy it to ``tier`` (charged there now), then
           :meth:`finish_move`, delete the source file, :meth:`released`;
         * ``("room", tier, NeedRoom)``: the next slower tier must make room first
-          (``cascade``; a row is never dropped while a slower tier could take it);
+          (``cascade``), by moving out rows used less recently than this one; a row is
+          never dropped while a slower tier has room or rows older than it;
         * ``("drop", row)``: no slower tier can take it: forgotten, its bytes still charged
           to ``source`` until the caller deletes its file and calls :meth:`released`.
         """
@@ -263,7 +264,8 @@ class MetaServer(supervision.Actor):
                 self._gauge()
                 return ("move", tier, moving)
             room = self.index.room(tier, row.size) if cascade else None
-            if room is not None:
+            # make room only by moving out rows used less recently than this one
+            if room is not None and (not room.victims or room.victims[0].last_used <= row.last_used):
                 return ("room", tier, self._need_room(room))
         self.index.remove(key, reason="evictions", hold=True)
         self._stats.add("evictions")
@@ -282,18 +284,28 @@ class MetaServer(supervision.Actor):
         self._gauge()
         return True
 
-    def finish_move(self, key: bytes, location: Any) -> Row:
-        """The row's bytes are in its new tier: it lives there now. Its old file stays
-        charged to the old tier until the caller deletes it and calls :meth:`released`."""
-        source = self.index.rows[key].tier
+    def finish_move(self, key: bytes, location: Any, target: str) -> Row | None:
+        """The row's bytes are in ``target``: it lives there now. Its old file stays
+        charged to the old tier until the caller deletes it and calls :meth:`released`.
+        ``None`` when the row was removed meanwhile (its old file was found corrupt or
+        missing): the caller deletes its copy, which stays charged until then."""
+        row = self.index.get(key)
+        if row is None or row.moving_to != target:
+            return None
+        source = row.tier
         row = self.index.finish_move(key, location)
         self._stats.add("demotions" if TIERS.index(row.tier) > TIERS.index(source) else "promotions")
         self._gauge()
         return row
 
-    def abort_move(self, key: bytes) -> None:
-        """Copying a row failed (the copy left no file): it stays where it was."""
-        self.index.abort_move(key)
+    def abort_move(self, key: bytes, target: str) -> None:
+        """Copying a row to ``target`` failed (the copy left no file): it stays where it
+        was (or, removed meanwhile, its charge in ``target`` goes)."""
+        row = self.index.get(key)
+        if row is not None and row.moving_to == target:
+            self.index.abort_move(key)
+        else:
+            self.index.release(key, target)
         self._gauge()
         self._room_freed()
 

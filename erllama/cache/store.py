@@ -268,6 +268,8 @@ class CacheStore:
                 except NoRoom:
                     break
                 except Leaving:  # the key's old file there is being deleted: a moment
+                    if time.monotonic() > deadline:
+                        break
                     time.sleep(0.001)
                     continue
                 if not isinstance(res, NeedRoom):
@@ -320,9 +322,11 @@ class CacheStore:
                 location = self.tiers[target].put(row.key, parts)
         except (OSError, PublishError, KeyError, kvc.CorruptRow) as exc:
             logger.warning("moving %s from %s to %s failed: %s", row.key.hex()[:16], row.tier, target, exc)
-            self._ask("abort_move", row.key)
+            self._ask("abort_move", row.key, target)
             return False
-        self._ask("finish_move", row.key, location)
+        if self._ask("finish_move", row.key, location, target) is None:
+            self._delete(row.key, target)  # the row went while it was copied
+            return False
         self._delete(row.key, row.tier)
         return True
 
