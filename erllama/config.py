@@ -73,7 +73,7 @@ class AppConfig:
     disk_quota: int = 20 * GiB
     policy: Any = None
     writer_max_concurrent: int = 4
-    writer_queue: int = 16
+    writer_queue: int = 64
     writer_queue_bytes: int = 256 * MiB
     room_wait_s: float = 2.0
     pressure: Any = None

@@ -151,15 +151,17 @@ class Index:
         return victims if need <= 0 else None
 
     def room(self, tier: str, size: int) -> Room | None:
-        """How ``tier`` can make room for ``size`` bytes, counting the bytes already
-        leaving it (files being deleted, rows being moved out) as good as free; ``None``
-        when even moving out every row could not. ``Room((), False)``: it fits now."""
+        """How ``tier`` can make room for ``size`` bytes: its least recently used
+        evictable rows, as many as needed (bytes already leaving are some other writer's
+        room); when those are not enough but bytes on their way out (files being deleted,
+        rows being moved out) and rows being read would cover the rest, the caller moves
+        what it can, then waits. ``None`` when even all of that could not;
+        ``Room((), False)``: it fits now."""
         if size > self.quotas[tier]:
             return None
         need = self.used[tier] + size - self.quotas[tier]
         if need <= 0:
             return Room((), False)
-        need -= self.outgoing(tier)
         victims: list[Row] = []
         held = 0
         for key in self.lru(tier):
@@ -173,7 +175,7 @@ class Index:
                 continue
             victims.append(row)
             need -= row.size
-        if need > 0 and need > held:
+        if need > 0 and need > held + self.outgoing(tier):
             return None
         return Room(tuple(victims), not victims)
 

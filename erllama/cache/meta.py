@@ -257,8 +257,10 @@ class MetaServer(supervision.Actor):
         if row is None or row.tier != source or row.refcount > 0 or row.moving_to is not None:
             return ("busy",)
         for tier in TIERS[TIERS.index(source) + 1:]:
-            if tier not in self._tiers or (key, tier) in self.index.leaving:
+            if tier not in self._tiers:
                 continue
+            if (key, tier) in self.index.leaving:  # its old copy there (it was just promoted) is being deleted
+                return ("room", tier, self._need_room(Room((), True))) if cascade else ("busy",)
             if self.index.free_bytes(tier) >= row.size:
                 moving = self.index.begin_move(key, tier)
                 self._gauge()

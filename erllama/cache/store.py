@@ -28,7 +28,7 @@ from erllama.cache import kvc
 from erllama.cache.counters import Counters, counters
 from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, Leaving, NoRoom, Row
 from erllama.cache.key import KeyMeta, cache_key, prefix_keys
-from erllama.cache.meta import MetaServer, NeedRoom, group_of
+from erllama.cache.meta import RESERVATION_TTL, MetaServer, NeedRoom, group_of
 from erllama.cache.pressure import CheckNow, PressureConfig
 from erllama.cache.pressure import Status as PressureStatus
 from erllama.cache.pressure import child_spec as pressure_child_spec
@@ -59,7 +59,7 @@ class CacheConfig:
     disk_dir: str | None = None
     disk_quota: int = 20 * GiB
     writer_max_concurrent: int = 4
-    writer_queue: int = 16
+    writer_queue: int = 64
     writer_queue_bytes: int = 256 << 20
     parent_wait_s: float = 0.5
     room_wait_s: float = 2.0
@@ -213,7 +213,7 @@ class CacheStore:
             self.counters.add("saves_dropped")
         return fut
 
-    def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
+    def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str, again: bool = True) -> str:
         km = KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace)
         key = cache_key(km, meta.token_ids)
         if self.index.lookup_exact(key) is not None:  # before the CRC: a finish save often repeats a row
@@ -225,7 +225,9 @@ class CacheStore:
         except AlreadyPresent:
             self.counters.add("duplicate_dropped")
             return "duplicate"
-        except Conflict:  # another writer is saving the same row right now
+        except Conflict:  # another writer is saving the same row right now: its outcome is ours
+            if again:
+                return self._await_other_save(key, meta, logits, kv, tier)
             self.counters.add("duplicate_dropped")
             return "duplicate"
         except NoRoom:
@@ -253,6 +255,21 @@ class CacheStore:
         if reason != "unknown":
             self.counters.add(f"saves_{reason}")
         return "saved"
+
+    def _await_other_save(self, key: bytes, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
+        """Wait for the save of the same row that another writer holds; ``"duplicate"``
+        once it is published (so a waiting save returns only when its row is readable),
+        else save it here after all."""
+        res = self._ask("wait_for", key)
+        if res is not None and not isinstance(res, Row):
+            try:
+                res = res.get(timeout=RESERVATION_TTL)
+            except Exception:
+                res = None
+        if self.index.lookup_exact(key) is not None:
+            self.counters.add("duplicate_dropped")
+            return "duplicate"
+        return self._save_job(meta, logits, kv, tier, again=False)
 
     def _reserve(self, key: bytes, group: bytes, n_tokens: int, tier: str, size: int) -> tuple[int, str]:
         """Reserve in ``tier``, demoting its least recently used rows to make room, and
