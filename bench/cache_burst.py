@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from cpuload import LoadMeter
-from report import fmt, med
+from report import default_disk_root, fmt, med
 
 try:
     import erllama
@@ -71,12 +71,6 @@ TIERS = ("ram", "ram_file", "disk")
 FILE_TIERS = ("ram_file", "disk")
 VARIANTS = ("nowait", "wait")
 ROW_SUFFIX = ".kvc"
-
-
-def default_disk_root() -> Path:
-    """``<repo>/build`` when it exists (git-ignored), else ``~/.cache/erllama/bench``."""
-    build = Path(__file__).resolve().parent.parent / "build"
-    return build if build.is_dir() else Path.home() / ".cache" / "erllama" / "bench"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

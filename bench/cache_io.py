@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from cpuload import LoadMeter
+from report import default_disk_root
 
 try:
     import erllama
@@ -93,12 +94,6 @@ STEP_NAMES = {
     "validate": "read-back validation (fresh buf)",
     "unlink_tmp": "unlink tmp",
 }
-
-
-def default_disk_root() -> Path:
-    """``<repo>/build`` when it exists (git-ignored), else ``~/.cache/erllama/bench``."""
-    build = Path(__file__).resolve().parent.parent / "build"
-    return build if build.is_dir() else Path.home() / ".cache" / "erllama" / "bench"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

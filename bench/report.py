@@ -7,6 +7,12 @@ import subprocess
 from pathlib import Path
 
 
+def default_disk_root() -> Path:
+    """``<repo>/build`` when it exists (git-ignored), else ``~/.cache/erllama/bench``."""
+    build = Path(__file__).resolve().parent.parent / "build"
+    return build if build.is_dir() else Path.home() / ".cache" / "erllama" / "bench"
+
+
 def med(values: list[float | None]) -> tuple[float, float, float]:
     """(median, min, max) of the values that are numbers (None and NaN skipped)."""
     vals = [v for v in values if v is not None and v == v]
