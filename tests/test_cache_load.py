@@ -69,6 +69,8 @@ import erllama
 import erllama.cache
 from erllama.testing.tinymodel import tiny_vocab, write_tiny_model
 
+from cache_helpers import Sampler, Warnings, check_snapshot, dir_bytes, ram_bytes
+
 RUNS = int(os.environ.get("ERLLAMA_LOAD_RUNS", "1"))
 
 THREADS = 4
@@ -127,130 +129,6 @@ def model_of(t: int, j: int) -> int:
 
 
 # ---- real bytes --------------------------------------------------------------------------------
-
-
-def dir_bytes(directory: Path) -> tuple[int, list[tuple[str, int]]]:
-    """Sum of ``st_size`` over the distinct inodes of the files in ``directory``, names
-    listed at once then stat'ed (a file gone meanwhile counts 0); ``ctime-probe*`` ignored."""
-    seen: dict[tuple[int, int], int] = {}
-    names: list[tuple[str, int]] = []
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except FileNotFoundError:
-        return 0, []
-    for e in entries:
-        if e.name.startswith("ctime-probe"):
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        seen[(st.st_dev, st.st_ino)] = st.st_size
-        names.append((e.name, st.st_size))
-    return sum(seen.values()), names
-
-
-def ram_bytes(store) -> int:
-    ram = store.tiers.get("ram")
-    if ram is None:
-        return 0
-    with ram._lock:  # the RamTier's own lock: one consistent view of its rows
-        return sum(parts.size for parts, _ in ram._rows.values())
-
-
-def check_snapshot(stats: dict, where: str) -> None:
-    """The per-tier identities of one ``stats()`` snapshot."""
-    for tier, t in stats["tiers"].items():
-        assert t["charged"] <= t["quota"], f"{where}: {tier} charged {t['charged']} > quota {t['quota']}: {t}"
-        assert t["charged"] == t["bytes"] + t["reserved"] + t["moving_in"] + t["leaving"], f"{where}: {tier} {t}"
-        flows = t["adopted"] + t["saves"] + t["moves_in"] - t["moves_out"] - t["evictions"] - t["removed"]
-        assert t["rows"] == flows, f"{where}: {tier} rows {t['rows']} != flows {flows}: {t}"
-        assert min(t.values()) >= 0, f"{where}: {tier} has a negative figure: {t}"
-
-
-class Sampler:
-    """Every ``SAMPLE_S``: the real bytes of each tier against its quota and, while
-    ``with_stats``, one ``erllama.cache.stats()`` snapshot's identities. ``store`` is the
-    store to watch (switched at a restart); the directories stay the same."""
-
-    def __init__(self, quotas: dict[str, int], dirs: dict[str, Path]) -> None:
-        self.quotas = quotas
-        self.dirs = dirs
-        self.store = None
-        self.with_stats = False
-        self.max_seen = dict.fromkeys(quotas, 0)
-        self.problems: list[str] = []
-        self.samples = self.stat_samples = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
-
-    def watch(self, store, *, with_stats: bool) -> None:
-        with self._lock:
-            self.store, self.with_stats = store, with_stats
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the sampler hung"
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    self.sample()
-            except Exception:
-                self.problems.append(traceback.format_exc())
-                return
-            self._stop.wait(SAMPLE_S)
-
-    def sample(self) -> None:
-        self.samples += 1
-        if self.store is not None:
-            self._record("ram", ram_bytes(self.store), None)
-        for tier, d in self.dirs.items():
-            used, names = dir_bytes(d)
-            self._record(tier, used, names)
-        if self.with_stats:
-            try:
-                stats = erllama.cache.stats()
-            except Exception as exc:
-                self.problems.append(f"stats() failed while the application ran: {exc!r}")
-                self.with_stats = False
-                return
-            self.stat_samples += 1
-            try:
-                check_snapshot(stats, f"sample {self.samples}")
-            except AssertionError as exc:
-                if len(self.problems) < 20:
-                    self.problems.append(str(exc))
-
-    def _record(self, tier: str, used: int, names) -> None:
-        self.max_seen[tier] = max(self.max_seen[tier], used)
-        if used > self.quotas[tier] and len(self.problems) < 20:
-            self.problems.append(f"sample {self.samples}: {tier} held {used} real bytes > quota "
-                                 f"{self.quotas[tier]}: {names}")
-
-    def check(self, where: str) -> None:
-        with self._lock:
-            assert self.samples > 0
-            assert not self.problems, f"{where}:\n" + "\n".join(self.problems)
-
-
-class Warnings(logging.Handler):
-    """Warnings of the ``erllama.cache`` logger (a failed move, an undeletable file, ...)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage())
 
 
 # ---- consistency at rest ---------------------------------------------------------------------------
@@ -357,9 +235,8 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
     shm = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="erllama-load-"))
     dirs = {"ram_file": shm, "disk": cache_dir / "kv"}
     prompts = make_prompts(run)
-    warnings = Warnings()
-    log.addHandler(warnings)
-    sampler = Sampler(quotas, dirs)
+    warnings = Warnings().__enter__()
+    sampler = Sampler(quotas, dirs, interval=SAMPLE_S)
     started = False
     try:
         with sampler:
@@ -371,7 +248,7 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
             fps = [erllama.model_info(m).fingerprint for m in mids]
             assert fps[0] != fps[1], "the two models must have different fingerprints"
             erllama.cache.reset_counters()
-            sampler.watch(store, with_stats=True)
+            sampler.watch(store, erllama.cache.stats)
 
             # ---- the burst: THREADS clients in rounds of one prompt each, alternating models; a replayer
             results: dict[tuple[int, int], erllama.Completion] = {}
@@ -485,7 +362,7 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
             keys_before = {r.key: r.n_tokens for r in store.index.rows.values()}
 
             # ---- stop: the ram rows are persisted; the files are what a fresh start finds
-            sampler.watch(store, with_stats=False)  # keeps sampling the dirs and the old ram tier
+            sampler.watch(store, None)  # keeps sampling the dirs and the old ram tier
             erllama.stop()
             started = False
             after_stop = {}
@@ -500,7 +377,7 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
             start_app(cache_dir, shm, quotas)
             started = True
             store2 = erllama.cache.current()
-            sampler.watch(store2, with_stats=True)
+            sampler.watch(store2, erllama.cache.stats)
             stats = check_at_rest("after the restart", dirs)
             for tier in dirs:
                 mine = {r.key.hex() + ".kvc" for r in store2.index.rows.values() if r.tier == tier}
@@ -516,7 +393,7 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
             served2 = replay(mids, prompts, cold_first, "replay after restart", ("ram_file", "disk"))
             stats = check_at_rest("after the replay after the restart", dirs)
             assert stats["tiers"]["disk"]["evictions"] == 0, stats["tiers"]
-            sampler.watch(store2, with_stats=False)
+            sampler.watch(store2, None)
             erllama.stop()
             started = False
             for tier, d in dirs.items():
@@ -539,7 +416,7 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
             print("sampler problems:\n" + "\n".join(sampler.problems))
         raise
     finally:
-        log.removeHandler(warnings)
+        warnings.__exit__()
         if started:
             with contextlib.suppress(Exception):
                 erllama.stop()

@@ -34,8 +34,10 @@ detect) a ``ram_file`` tier going clearly over its quota. Where the mount is ref
 tmpfs but without that kernel-side limit; the tests pass either way (``SHM_KIND`` says
 which was used).
 
-Examples are derandomized by the suite's "erllama" hypothesis profile. For a longer run:
-``ERLLAMA_STRESS_EXAMPLES=60 ERLLAMA_STRESS_STEPS=10 HYPOTHESIS_PROFILE=explore``.
+Examples are derandomized by the suite's "erllama" hypothesis profile: 20 examples of up to
+10 steps with a large disk, 10 with a small one (a few seconds). For a longer run, e.g.
+``ERLLAMA_STRESS_EXAMPLES=60 ERLLAMA_STRESS_STEPS=10 HYPOTHESIS_PROFILE=explore`` (the
+small-disk machine runs half as many examples). ``-s`` prints what the machines did.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from erllama import errors
 from erllama.cache import kvc, publish
@@ -65,8 +67,10 @@ from erllama.cache.key import KeyMeta, cache_key
 from erllama.cache.pressure import PressureConfig
 from erllama.cache.store import CacheConfig, CacheStore
 
-EXAMPLES = int(os.environ.get("ERLLAMA_STRESS_EXAMPLES", "8"))
-STEPS = int(os.environ.get("ERLLAMA_STRESS_STEPS", "6"))
+from cache_helpers import Sampler, Warnings, check_snapshot, dir_bytes
+
+EXAMPLES = int(os.environ.get("ERLLAMA_STRESS_EXAMPLES", "20"))
+STEPS = int(os.environ.get("ERLLAMA_STRESS_STEPS", "10"))
 
 KM = KeyMeta(b"s" * 32, 7, b"c" * 32)
 LOGITS = np.arange(64, dtype=np.float32)
@@ -77,11 +81,12 @@ RAM_Q = 170_000  # 2 to 8 rows
 RF_Q = 200_000  # 2 to 9 rows
 DISK_BIG = 4_000_000  # every key's row (40 x <= 80.6 kB) at once
 DISK_SMALL = 300_000
-HEADER_MAX = 1_000  # a row's prefix (header, tokens) and logits: ~520 bytes here
 PAGE = 4096
 # the most files ram_file can hold within its quota (a temporary and its final name are one inode)
 MOUNT_SIZE = RF_Q + (RF_Q // MIN_KV + 3) * PAGE
 
+TOTALS: dict[str, int] = {"examples": 0}
+"""What the state machines did, summed over examples (printed at the module's end; ``-s``)."""
 SHM_ROOT: Path | None = None
 SHM_KIND = "unset"
 
@@ -152,6 +157,7 @@ def shm_root():
     try:
         yield SHM_ROOT
     finally:
+        print(f"\ntest_cache_stress: ram_file on {SHM_KIND}; {TOTALS}")
         if mounted:
             subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
             with contextlib.suppress(OSError):
@@ -214,116 +220,12 @@ class Journal:
         return out
 
 
-class Warnings(logging.Handler):
-    """Warnings of the ``erllama.cache`` logger (a failed move, an undeletable file, ...)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage())
-
-    def __enter__(self) -> Warnings:
-        log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        log.removeHandler(self)
-
-
-def check_snapshot(stats: dict, where: str) -> None:
-    """The per-tier identities of one ``stats()`` snapshot."""
-    for tier, t in stats["tiers"].items():
-        assert t["charged"] <= t["quota"], f"{where}: {tier} charged {t['charged']} > quota {t['quota']}: {t}"
-        assert t["charged"] == t["bytes"] + t["reserved"] + t["moving_in"] + t["leaving"], f"{where}: {tier} {t}"
-        flows = t["adopted"] + t["saves"] + t["moves_in"] - t["moves_out"] - t["evictions"] - t["removed"]
-        assert t["rows"] == flows, f"{where}: {tier} rows {t['rows']} != flows {flows}: {t}"
-        assert min(t.values()) >= 0, f"{where}: {tier} has a negative figure: {t}"
-
-
-def dir_bytes(directory: Path) -> tuple[int, list[tuple[str, int]]]:
-    """Sum of st_size over the distinct inodes of the files in ``directory`` (names listed
-    at once, then stat'ed; a file gone meanwhile counts 0)."""
-    seen: dict[int, int] = {}
-    names: list[tuple[str, int]] = []
-    with os.scandir(directory) as it:
-        entries = list(it)
-    for e in entries:
-        if e.name.startswith("ctime-probe"):
-            continue
-        try:
-            st_ = e.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        seen[st_.st_ino] = st_.st_size
-        names.append((e.name, st_.st_size))
-    return sum(seen.values()), names
-
-
-class Sampler:
-    """Samples real bytes per tier (and ``stats()`` snapshots) on its own thread."""
-
-    def __init__(self, store: CacheStore, *, with_stats: bool = True) -> None:
-        self.store = store
-        self.with_stats = with_stats
-        self.quotas = {t: store.config.quota(t) for t in store.tiers}
-        self.dirs = {t: tier.directory for t, tier in store.tiers.items() if t != "ram"}
-        self.max_seen = dict.fromkeys(self.quotas, 0)
-        self.problems: list[str] = []
-        self.samples = self.stat_samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stress-sampler", daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the sampler hung"
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sample()
-            except Exception:  # surfaced by check()
-                self.problems.append(traceback.format_exc())
-                return
-            time.sleep(0.001)
-
-    def sample(self) -> None:
-        self.samples += 1
-        ram = self.store.tiers.get("ram")
-        if ram is not None:
-            with ram._lock:
-                used = sum(parts.size for parts, _ in ram._rows.values())
-            self._record("ram", used, None)
-        for tier, d in self.dirs.items():
-            used, names = dir_bytes(d)
-            self._record(tier, used, names)
-        if self.with_stats:
-            try:
-                stats = self.store.stats()
-            except Exception as exc:  # the store is closing
-                self.problems.append(f"stats() failed during a burst: {exc!r}")
-                self.with_stats = False
-                return
-            self.stat_samples += 1
-            try:
-                check_snapshot(stats, f"sample {self.samples}")
-            except AssertionError as exc:
-                self.problems.append(str(exc))
-
-    def _record(self, tier: str, used: int, names) -> None:
-        self.max_seen[tier] = max(self.max_seen[tier], used)
-        if used > self.quotas[tier] and len(self.problems) < 20:
-            self.problems.append(f"{tier} held {used} real bytes > quota {self.quotas[tier]}: {names}")
-
-    def check(self) -> None:
-        assert self.samples > 0
-        assert not self.problems, "\n".join(self.problems)
+def close_store(store: CacheStore, timeout: float = 60.0) -> None:
+    """``close(persist=False)`` at the end of a test, on a helper thread: a test that failed
+    on a hang must not hang in its cleanup too."""
+    th = threading.Thread(target=store.close, kwargs={"persist": False}, daemon=True, name="stress-close")
+    th.start()
+    th.join(timeout)
 
 
 def quiesce(store: CacheStore) -> None:
@@ -433,17 +335,23 @@ class StressMachine(RuleBasedStateMachine):
         self.lock = threading.Lock()
         self.store = None
         self._start()
-        self.stats_seen = {"bursts": 0, "restarts": 0, "no_room": 0, "dropped_submits": 0, "spilled": 0,
-                           "room_waits": 0, "promotions": 0}
+        self.stats_seen = {"bursts": 0, "restarts": 0, "no_room": 0, "dropped_submits": 0, "samples": 0,
+                           "stat_samples": 0, "persisted_ram_rows": 0}
 
     def _start(self) -> None:
         self.store = CacheStore.start(self.cfg)
         self.journal = Journal(self.store)
 
     def teardown(self) -> None:
+        TOTALS["examples"] += 1
+        for name, n in self.stats_seen.items():
+            TOTALS[name] = TOTALS.get(name, 0) + n
+        c = counters.snapshot()
+        for name in ("demotions", "promotions", "evictions", "room_waits", "saves_spilled", "saves_dropped"):
+            TOTALS[name] = TOTALS.get(name, 0) + c[name]
         try:
             if self.store is not None:
-                self.store.close(persist=False)
+                close_store(self.store)
         finally:
             self.warnings.__exit__()
             shutil.rmtree(self.shm, ignore_errors=True)
@@ -511,12 +419,20 @@ class StressMachine(RuleBasedStateMachine):
                 self._settle(futs, saved)
             return run
 
-        with Sampler(self.store) as sampler:
+        with Sampler.of(self.store) as sampler:
             run_threads([thread(p) for p in plans])
             quiesce(self.store)  # promotions and demotions the burst left to the writer pool
         sampler.check()
+        self._seen(sampler)
         self.stats_seen["bursts"] += 1
         self._after(where, mark, saved)
+
+    def _seen(self, sampler: Sampler) -> None:
+        self.stats_seen["samples"] += sampler.samples
+        self.stats_seen["stat_samples"] += sampler.stat_samples
+        for tier, n in sampler.max_seen.items():
+            name = f"max_real_{tier}/{sampler.quotas[tier]}"
+            TOTALS[name] = max(TOTALS.get(name, 0), n)
 
     def _after(self, where: str, mark: tuple[int, int], saved: set[int]) -> None:
         check_consistent(self.store, where)
@@ -559,17 +475,28 @@ class StressMachine(RuleBasedStateMachine):
         self._burst([[("save", i, "ram", wait) for i, wait in p] for p in plans],
                     f"storm {self.stats_seen['bursts']}")
 
-    @precondition(lambda self: bool(self.present))
-    @rule()
-    def restart(self):
-        """close() persists the ram rows; a new store on the same directories finds what the
-        files hold, and it is what the old store held (less what it had to drop)."""
+    @rule(readers=st.lists(st.integers(0, 1000), min_size=2, max_size=5),
+          writers=st.lists(st.lists(key_ids, min_size=1, max_size=4), min_size=1, max_size=3))
+    def promote_race(self, readers, writers):
+        """Disk hits promoted into ram_file while saves into ram demote rows into it."""
+        plans = [[("restore_disk", r), ("restore_disk", r + 1)] for r in readers]
+        plans += [[("save", i, "ram", True) for i in w] for w in writers]
+        self._burst(plans, f"promote race {self.stats_seen['bursts']}")
+
+    @rule(plans=storms)
+    def restart(self, plans):
+        """A storm of saves into ram, then close(), which persists the ram rows; a new store
+        on the same directories finds what the files hold, and it is what the old store held
+        (less what it had to drop, with a small disk)."""
+        self._burst([[("save", i, "ram", wait) for i, wait in p] for p in plans],
+                    f"storm before restart {self.stats_seen['restarts']}")
         where = f"restart {self.stats_seen['restarts']}"
         before = {r.key: r.tier for r in self.store.index.rows.values()}
         mark = self.journal.marks()
-        with Sampler(self.store, with_stats=False) as sampler:
+        with Sampler.of(self.store, with_stats=False) as sampler:
             self.store.close()
         sampler.check()
+        self._seen(sampler)
         _, dropped = self.journal.since(mark)
         self.store = None
         files: dict[bytes, str] = {}
@@ -588,9 +515,12 @@ class StressMachine(RuleBasedStateMachine):
         else:
             assert not missing, (f"{where}: close() lost rows with a large disk: "
                                  f"{sorted((IDS[k], before[k]) for k in missing)}; drops {len(dropped)}")
-        for key, tier in before.items():
+        for key, tier in before.items():  # persisting ram rows pushes rows down, never up
+            if key in files:
+                assert TIERS.index(files[key]) >= TIERS.index(tier), f"{where}: {IDS[key]} rose from {tier}"
             if tier != "ram":
-                assert files.get(key, tier) == tier or key in dropped, f"{where}: a file row moved at close"
+                assert key in files or key in dropped, f"{where}: a {tier} row vanished at close"
+        self.stats_seen["persisted_ram_rows"] += sum(before[k] == "ram" for k in files)
         self._start()
         self.stats_seen["restarts"] += 1
         rows = {r.key: r.tier for r in self.store.index.rows.values()}
@@ -608,11 +538,14 @@ class StressSmallDiskMachine(StressMachine):
     SMALL_DISK = True
 
 
+# No shrinking: a failure depends on how the threads interleaved, so a shrunk sequence
+# rarely fails again; the failing sequence is reported as it ran.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
 TestStress = StressMachine.TestCase
-TestStress.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None)
+TestStress.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, phases=_PHASES)
 TestStressSmallDisk = StressSmallDiskMachine.TestCase
 TestStressSmallDisk.settings = settings(max_examples=max(1, EXAMPLES // 2), stateful_step_count=STEPS,
-                                        deadline=None)
+                                        deadline=None, phases=_PHASES)
 
 
 # ---- the original race, deterministically enough -----------------------------------------------------
@@ -630,8 +563,9 @@ def test_many_writers_planning_the_same_victim_lose_no_row():
     journal = Journal(store)
     try:
         with Warnings() as warned:
+            everything: list[int] = []
             for rnd in range(3):
-                base = 100 + rnd * 64
+                base = 100 + rnd * 48
                 results: dict[int, str] = {}
 
                 def writer(t, base=base, results=results):
@@ -641,13 +575,14 @@ def test_many_writers_planning_the_same_victim_lose_no_row():
                                          tier="ram", wait=True)
                         results[i] = fut.result(timeout=60)
 
-                with Sampler(store) as sampler:
+                with Sampler.of(store) as sampler:
                     run_threads([lambda t=t: writer(t) for t in range(16)])
                     quiesce(store)
                 sampler.check()
                 assert sorted(set(results.values())) == ["saved"] and len(results) == 48
                 check_consistent(store, f"round {rnd}")
-                for i in range(100, base + 48):
+                everything += sorted(results)
+                for i in everything:
                     with store.restore(KEYS[i]) as row:
                         assert row is not None, f"round {rnd}: row {i} was lost"
                         check_row(row, i, 30_000 + (i % 7) * 1000)
@@ -659,7 +594,7 @@ def test_many_writers_planning_the_same_victim_lose_no_row():
             assert counters.get("demotions") > 0 and counters.get("saves_failed") == 0
             assert not warned.records, warned.records
     finally:
-        store.close(persist=False)
+        close_store(store)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
 
@@ -682,7 +617,7 @@ def test_a_save_waits_for_rows_in_flight_then_lands_or_spills(room_wait_s):
     held: list[bytes] = []
     movers: list[threading.Thread] = []
     try:
-        with Warnings() as warned, Sampler(store) as sampler:
+        with Warnings() as warned, Sampler.of(store) as sampler:
             for i in (1, 2):
                 assert store.save(row_meta(i), logits_of(i), payload(i, size), wait=True).result(10) == "saved"
             assert {store.index.get(KEYS[i]).tier for i in (1, 2)} == {"ram"}
@@ -742,7 +677,7 @@ def test_a_save_waits_for_rows_in_flight_then_lands_or_spills(room_wait_s):
         gate.set()
         for th in movers:
             th.join(30)
-        store.close(persist=False)
+        close_store(store)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
 
