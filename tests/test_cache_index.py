@@ -136,7 +136,7 @@ class IndexMachine(RuleBasedStateMachine):
         assert all(r.tier == tier and r.refcount == 0 and r.moving_to is None for r in room.victims)
         held = sum(r.size for r in self.idx.rows.values()
                    if r.tier == tier and r.refcount and r.status is RowStatus.AVAILABLE)
-        freeable = self.idx.outgoing(tier) + sum(r.size for r in room.victims) + held
+        freeable = self.idx.outgoing(tier) + self.idx.incoming(tier) + sum(r.size for r in room.victims) + held
         assert need <= 0 or freeable >= need
         assert room.wait == (need > 0 and not room.victims)
 

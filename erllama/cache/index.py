@@ -153,10 +153,10 @@ class Index:
     def room(self, tier: str, size: int) -> Room | None:
         """How ``tier`` can make room for ``size`` bytes: its least recently used
         evictable rows, as many as needed (bytes already leaving are some other writer's
-        room); when those are not enough but bytes on their way out (files being deleted,
-        rows being moved out) and rows being read would cover the rest, the caller moves
-        what it can, then waits. ``None`` when even all of that could not;
-        ``Room((), False)``: it fits now."""
+        room); when those are not enough but bytes that will be free or evictable soon
+        would cover the rest (files being deleted, rows being moved out, rows being read,
+        saves being written and rows being copied in), the caller moves what it can, then
+        waits. ``None`` when even all of that could not; ``Room((), False)``: it fits now."""
         if size > self.quotas[tier]:
             return None
         need = self.used[tier] + size - self.quotas[tier]
@@ -175,9 +175,15 @@ class Index:
                 continue
             victims.append(row)
             need -= row.size
-        if need > 0 and need > held + self.outgoing(tier):
+        if need > 0 and need > held + self.outgoing(tier) + self.incoming(tier):
             return None
         return Room(tuple(victims), not victims)
+
+    def incoming(self, tier: str) -> int:
+        """Bytes charged to ``tier`` for saves being written and rows being copied in:
+        rows there soon, which can then be moved out."""
+        return sum(r.size for r in self.rows.values()
+                   if (r.tier == tier and r.status is RowStatus.WRITING) or r.moving_to == tier)
 
     def outgoing(self, tier: str) -> int:
         """Bytes charged to ``tier`` that are on their way out: leaving files and rows

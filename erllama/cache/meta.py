@@ -203,7 +203,8 @@ class MetaServer(supervision.Actor):
         return NeedRoom(room.victims, waiter)
 
     def _room_freed(self) -> None:
-        """Wake every writer waiting for room (each asks again)."""
+        """Wake every writer waiting for room (each asks again): bytes were released, or a
+        row became one that can be moved out."""
         waiters, self._room_waiters = self._room_waiters, []
         for fut in waiters:
             fut.set(None)
@@ -216,6 +217,7 @@ class MetaServer(supervision.Actor):
         self._gauge()
         for fut in self._waiters.pop(key, []):
             fut.set(row)
+        self._room_freed()  # a published row can be moved out to make room
         return row
 
     def cancel(self, key: bytes, token: int) -> None:
@@ -296,6 +298,7 @@ class MetaServer(supervision.Actor):
             return None
         source = row.tier
         row = self.index.finish_move(key, location)
+        self._room_freed()  # a row moved in can be moved out again
         self._stats.add("demotions" if TIERS.index(row.tier) > TIERS.index(source) else "promotions")
         self._gauge()
         return row
