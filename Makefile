@@ -10,7 +10,10 @@ NATIVE_SOURCES := setup.py pyproject.toml $(wildcard erllama/*.pyx erllama/handl
 demo: $(STAMP)
 	$(VENV)/bin/erllama demo
 
+# the lint and type gate first (pyproject.toml: [tool.ruff], [tool.mypy]), then the suite
 test: $(STAMP)
+	$(PY) -m ruff check erllama supervision tests bench setup.py
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 install: $(STAMP)

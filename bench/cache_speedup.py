@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 import erllama
-from cpuload import LoadMeter
 from erllama.backend.llama import native
 from erllama.demo import PARAGRAPH
 from erllama.models import default_model_path
+
+from cpuload import LoadMeter
 
 
 def _floor_ms(row, tier: str, store, sampler, logits: np.ndarray, reps: int = 5) -> float:

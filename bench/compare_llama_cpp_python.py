@@ -64,6 +64,7 @@ import time
 from pathlib import Path
 
 from compare_builds import wait_idle
+
 from cpuload import LoadMeter
 from report import fmt, git_rev
 
@@ -112,7 +113,10 @@ class Load:
         t = os.times(); self.own0 = t.user + t.system; self.b0 = busy(); self.w0 = time.perf_counter(); return self
     def __exit__(self, *a):
         w = time.perf_counter() - self.w0; b = busy(); t = os.times()
-        self.other = None if b is None or self.b0 is None else max(0.0, (b - self.b0 - (t.user + t.system - self.own0)) / w)
+        if b is None or self.b0 is None:
+            self.other = None
+        else:
+            self.other = max(0.0, (b - self.b0 - (t.user + t.system - self.own0)) / w)
 
 llm = None
 
@@ -454,13 +458,13 @@ def main(argv: list[str] | None = None) -> int:
           f"times, < 1 for rates)")
     print("| measure | llama-cpp-python | erllama | ratio llcp/erllama |")
     print("|---|---|---|---|")
-    lines = [("cold TTFT, %d-token prompt (ms)" % args.prompt_tokens, "cold_ttft_ms", ".0f"),
+    lines = [(f"cold TTFT, {args.prompt_tokens}-token prompt (ms)", "cold_ttft_ms", ".0f"),
              ("warm TTFT, same prompt (ms)", "warm_ttft_ms", ".1f"),
-             ("warm TTFT after a %d-token answer (ms)" % args.answer_tokens, "after_answer_ttft_ms", ".1f"),
-             ("generation, %d tokens (tokens/s)" % args.tokens, "gen_tps", ".2f"),
-             ("%d clients x %d tokens: wall (s)" % (args.clients, args.tokens), "clients_wall_s", ".2f"),
-             ("%d clients: aggregate tokens/s" % args.clients, "clients_agg_tps", ".2f"),
-             ("%d clients: slowest client's TTFT (ms)" % args.clients, "clients_max_ttft_ms", ".0f")]
+             (f"warm TTFT after a {args.answer_tokens}-token answer (ms)", "after_answer_ttft_ms", ".1f"),
+             (f"generation, {args.tokens} tokens (tokens/s)", "gen_tps", ".2f"),
+             (f"{args.clients} clients x {args.tokens} tokens: wall (s)", "clients_wall_s", ".2f"),
+             (f"{args.clients} clients: aggregate tokens/s", "clients_agg_tps", ".2f"),
+             (f"{args.clients} clients: slowest client's TTFT (ms)", "clients_max_ttft_ms", ".0f")]
     for title, key, spec in lines:
         print(f"| {title} | {fmt([r[key][0] for r in rounds], spec)} | {fmt([r[key][1] for r in rounds], spec)} | "
               f"{fmt([r[key][0] / r[key][1] for r in rounds], '.2f')} |")

@@ -24,8 +24,8 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--load-reps", type=int, default=3, help="load/unload rounds per mode")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=1536)
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2: the reference machine's cores)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="llama.cpp threads (default 2: the reference machine's cores)")
     ap.add_argument("--model", default=None, help="a GGUF file (default: Gemma 3 270M)")
     ap.add_argument("--max-other", type=float, default=0.2,
                     help="cores of other load above which a measurement is repeated (ggml's threads spin)")

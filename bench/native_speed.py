@@ -34,8 +34,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cpuload import LoadMeter
 from erllama.backend.llama import native
+
+from cpuload import LoadMeter
 
 METRICS = ("pp", "tg", "tg_nosample")
 

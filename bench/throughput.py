@@ -62,6 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compare_builds import wait_idle
+
 from cpuload import LoadMeter
 from report import fmt, git_rev, med
 

@@ -7,20 +7,33 @@ module) import without the compiled extension.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from erllama import cache, errors
+from erllama._version import __version__
 from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    import numpy as np
+    import pykka
+
+    from erllama.app import Application, ModelInfo
+    from erllama.config import AppConfig
+    from erllama.stream import Stream
+
+T = TypeVar("T")
+Prompt = str | Sequence[int]
+"""A prompt: text, or token ids."""
 
 __all__ = [
     "AppConfig", "CacheDelta", "Completion", "Done", "ModelConfig", "Prefill", "Stats", "Token", "__version__",
-    "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict", "infer",
+    "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict",
+    "health", "infer",
     "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",
     "phase", "prefill_only", "queue_depth", "running", "set_adapter_scale", "shutdown", "start", "status", "stop",
-    "system_info", "tokenize", "unload", "unload_adapter", "whereis",
+    "system_info", "tokenize", "tree", "unload", "unload_adapter", "whereis",
 ]
 
 
@@ -45,13 +58,13 @@ def system_info(*, check: bool = True, refresh: bool = False) -> dict[str, Any]:
     return sysinfo.system_info(check=check, refresh=refresh)
 
 
-def _app() -> Any:
+def _app() -> Application:
     from erllama import app
 
     return app.current()
 
 
-def start(config: Any = None, **overrides: Any) -> Any:
+def start(config: AppConfig | None = None, **overrides: Any) -> Application:
     """Start the application tree (or return the running one)."""
     from erllama import app
 
@@ -66,16 +79,49 @@ def stop(timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def running(config: Any = None, **overrides: Any) -> Iterator[Any]:
-    """``start`` on enter, ``stop`` on exit."""
+def running(config: AppConfig | None = None, **overrides: Any) -> Iterator[Application]:
+    """``start`` on enter, ``stop`` on exit; raises ``errors.ErllamaError`` on exit when
+    the tree failed meanwhile (an escalation reached the root), instead of half-running."""
     application = start(config, **overrides)
     try:
         yield application
     finally:
+        failure = application.failure
         stop()
+    if failure is not None:
+        raise errors.ErllamaError(failure)
 
 
-def load_model(path: Any, *, model_id: str | None = None, **options: Any) -> str:
+def tree(text: bool = True) -> str | dict[str, Any]:
+    """The live supervision tree of the running application: each supervisor with its
+    strategy and intensity, its children with their type, restart type, actor, thread,
+    status and restart count. A string (``text``) or nested dicts."""
+    from erllama import app
+
+    node = _app().tree()
+    return app.format_tree(node) if text else node
+
+
+def health() -> dict[str, Any]:
+    """Whether the application runs: ``{"state": "running" | "failed", "failure": why or
+    None, "restarts": {root child: restarts}}`` (works after a failure too)."""
+    from erllama import app
+
+    a = app.current()
+    try:
+        restarts = {c.id: c.restarts for c in _root_status(a.root).children}
+    except Exception:
+        restarts = {}
+    return {"state": "failed" if a.failure else "running", "failure": a.failure, "restarts": restarts}
+
+
+def _root_status(ref: pykka.ActorRef[Any]) -> Any:
+    import supervision
+
+    return supervision.inspect(ref, timeout=5.0)
+
+
+def load_model(path: str | os.PathLike[str], *, model_id: str | None = None, **options: Any) -> str:
     """Load a GGUF model under ``model_id`` (generated when None); returns the id."""
     return _app().load_model(path, model_id, options)
 
@@ -85,19 +131,19 @@ def unload(model_id: str) -> None:
     _app().unload(model_id)
 
 
-def list_models() -> list[Any]:
+def list_models() -> list[ModelInfo]:
     """``ModelInfo`` of every loaded model."""
     a = _app()
-    return [a.info(m) for m in list(a.models)]
+    return [a.info(m) for m in a.model_ids()]
 
 
-def model_info(model_id: str) -> Any:
+def model_info(model_id: str) -> ModelInfo:
     """``ModelInfo`` of one model."""
     return _app().info(model_id)
 
 
-def _ask(model_id: str, message: Any, timeout: float = 60.0) -> Any:
-    return _app().ref(model_id).ask(message, timeout=timeout)
+def _ask(model_id: str, message: Any, kind: type[T], timeout: float = 60.0) -> T:
+    return cast(T, _app().ref(model_id).ask(message, timeout=timeout))
 
 
 def status(model_id: str) -> str:
@@ -123,39 +169,39 @@ def queue_depth(model_id: str | None = None) -> int:
     app = _app()
     if model_id is not None:
         return app.info(model_id).pending_len
-    return sum(app.info(m).pending_len for m in list(app.models))
+    return sum(app.info(m).pending_len for m in app.model_ids())
 
 
 def evict(model_id: str) -> int:
     """Synchronously save every live sequence of the model (reason ``evict``)."""
     from erllama.messages import Evict
 
-    return _ask(model_id, Evict(), timeout=120)
+    return _ask(model_id, Evict(), int, timeout=120)
 
 
 def shutdown(model_id: str) -> int:
     """Synchronously save every live sequence of the model (reason ``shutdown``)."""
     from erllama.messages import Shutdown
 
-    return _ask(model_id, Shutdown(), timeout=120)
+    return _ask(model_id, Shutdown(), int, timeout=120)
 
 
-def whereis(model_id: str) -> Any:
+def whereis(model_id: str) -> pykka.ActorRef[Any]:
     """The live model actor."""
     return _app().ref(model_id)
 
 
-def infer(model_id: str, prompt: Any, *, sink: Any = None, **params: Any) -> Any:
+def infer(model_id: str, prompt: Prompt, *, sink: Any = None, **params: Any) -> Stream:
     """Start a request and return its ``Stream`` at once (even when it is queued)."""
     return _app().submit(model_id, prompt, params, sink)
 
 
-def complete(model_id: str, prompt: Any, **params: Any) -> Completion:
+def complete(model_id: str, prompt: Prompt, **params: Any) -> Completion:
     """Run a request to the end and return its ``Completion``."""
     return infer(model_id, prompt, **params).result()
 
 
-def prefill_only(model_id: str, prompt: Any, *, parent_key: bytes | None = None,
+def prefill_only(model_id: str, prompt: Prompt, *, parent_key: bytes | None = None,
                  session_id: str | None = None) -> Prefill:
     """Prefill ``prompt`` into the cache without generating; returns its ``finish_key``."""
     done = _app().submit(model_id, prompt, {"prefill_only": True, "parent_key": parent_key,
@@ -172,17 +218,18 @@ def tokenize(model_id: str, text: str, *, add_special: bool = True, parse_specia
     """Tokenize with the model's vocabulary."""
     from erllama.messages import Tokenize
 
-    return _ask(model_id, Tokenize(text, add_special, parse_special))
+    return _ask(model_id, Tokenize(text, add_special, parse_special), list)
 
 
-def detokenize(model_id: str, tokens: Any) -> str:
+def detokenize(model_id: str, tokens: Sequence[int]) -> str:
     """Render token ids as text."""
     from erllama.messages import Detokenize
 
-    return _ask(model_id, Detokenize(list(tokens)))
+    return _ask(model_id, Detokenize(list(tokens)), str)
 
 
-def apply_chat_template(model_id: str, messages: Any, *, system: str | None = None, tools: Any = None,
+def apply_chat_template(model_id: str, messages: Sequence[Mapping[str, Any]], *, system: str | None = None,
+                        tools: Sequence[Mapping[str, Any]] | None = None,
                         add_assistant: bool = True) -> list[int]:
     """Render chat ``messages`` (``{"role", "content"}`` dicts) with the model's template (or
     its configured ``chat_template``) and tokenize the result, special tokens parsed and BOS
@@ -208,63 +255,60 @@ def apply_chat_template(model_id: str, messages: Any, *, system: str | None = No
             raise errors.InvalidContent(f"tools must be JSON-serialisable dicts: {exc}") from None
     if preamble:
         msgs.insert(0, {"role": "system", "content": "\n\n".join(preamble)})
-    return _ask(model_id, ApplyChatTemplate(msgs, add_assistant))
+    return _ask(model_id, ApplyChatTemplate(msgs, add_assistant), list)
 
 
-def embed(model_id: str, text_or_tokens: Any, *, normalize: bool = True) -> Any:
+def embed(model_id: str, text_or_tokens: Prompt, *, normalize: bool = True) -> np.ndarray:
     """The pooled embedding (``numpy.ndarray``, float32, ``(n_embd,)``), computed on the
     model's dedicated embeddings context (created on first use)."""
     from erllama.messages import Embed
 
     value = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
-    return _ask(model_id, Embed(value, normalize))
+    import numpy as np
+
+    return _ask(model_id, Embed(value, normalize), np.ndarray)
 
 
-def load_adapter(model_id: str, path: Any) -> str:
+def load_adapter(model_id: str, path: str | os.PathLike[str]) -> str:
     """Load a LoRA adapter at scale 1.0; returns its handle. Requests admitted from now on
     run with it (running requests finish under the old set first), and their cache rows
     are keyed by the new effective fingerprint. Under ``isolation="probe"`` a child process
     loads and applies the adapter first (``errors.MalformedGGUF`` if it dies on it)."""
-    import hashlib
-    import os
-
     from erllama.backend.factory import check_adapter
+    from erllama.cache.fingerprint import file_sha256
     from erllama.messages import LoadAdapter
 
     app = _app()
     info = app.info(model_id)  # ModelNotFound before any work
     path = os.fspath(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # FileNotFoundError names the path
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    digest = file_sha256(path)  # FileNotFoundError names the path
     check_adapter(info.path, path, info.config, cache_dir=app.config.cache_dir)
-    return _ask(model_id, LoadAdapter(path, h.digest()), timeout=600)
+    return _ask(model_id, LoadAdapter(path, digest), str, timeout=600)
 
 
 def unload_adapter(model_id: str, handle: str) -> None:
     """Detach and free an adapter (an unknown handle is ignored)."""
     from erllama.messages import UnloadAdapter
 
-    _ask(model_id, UnloadAdapter(handle))
+    _ask(model_id, UnloadAdapter(handle), object)
 
 
 def set_adapter_scale(model_id: str, handle: str, scale: float) -> None:
     """Change an adapter's scale (``errors.AdapterNotFound`` for an unknown handle)."""
     from erllama.messages import SetAdapterScale
 
-    _ask(model_id, SetAdapterScale(handle, scale))
+    _ask(model_id, SetAdapterScale(handle, scale), object)
 
 
 def list_adapters(model_id: str) -> list[dict[str, Any]]:
     """``[{"handle", "path", "scale"}]`` in application order."""
     from erllama.messages import ListAdapters
 
-    return _ask(model_id, ListAdapters())
+    return _ask(model_id, ListAdapters(), list)
 
 
 def end_session(model_id: str, session_id: str) -> None:
     """Release a sticky session's sequence (idempotent)."""
     from erllama.messages import EndSession
 
-    _ask(model_id, EndSession(session_id))
+    _ask(model_id, EndSession(session_id), object)

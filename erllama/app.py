@@ -1,8 +1,9 @@
-"""The application: the cache, the model supervisor, the registry and the in-flight table.
+"""The application: one supervision tree under the root supervisor ``erllama_sup``.
 
-``start`` builds the tree: the cache first, then a ``SIMPLE_ONE_FOR_ONE`` supervisor whose
-children are one small supervisor per model, each supervising that model's actor. ``stop``
-takes it down in reverse order. A model actor that fails unexpectedly is restarted under
+``start`` builds the tree: the model registry, the in-flight table, the cache supervisor,
+then a ``SIMPLE_ONE_FOR_ONE`` supervisor whose children are one small supervisor per model,
+each supervising that model's actor (``tree()`` shows it live). ``stop`` takes it down in
+reverse order. A model actor that fails unexpectedly is restarted under
 the same id (a new backend) by its own supervisor; the restart intensity is counted per
 model, so a model that keeps crashing is marked ``failed`` (its requests raise
 ``ModelCrashed`` saying so) and the other models are not touched.
@@ -10,15 +11,15 @@ model, so a model that keeps crashing is marked ``failed`` (its requests raise
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pykka
 
@@ -26,14 +27,15 @@ import supervision
 from erllama import cache as cache_api
 from erllama import errors
 from erllama.backend.factory import open_backend
+from erllama.cache.fingerprint import file_fingerprint
 from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
 from erllama.cache.store import CacheStore
 from erllama.config import AppConfig, ModelConfig
-from erllama.filestore import file_identity, read_json, write_json
 from erllama.messages import LongestPrefix, Submit
 from erllama.model.actor import ModelActor, Observed
 from erllama.model.request import Request, RequestParams
 from erllama.stream import Stream
+from erllama.tables import Table
 from erllama.types import Token
 
 __all__ = ["Application", "ModelInfo", "current", "start", "stop"]
@@ -43,6 +45,7 @@ logger = logging.getLogger("erllama")
 _lock = threading.RLock()
 _app: Application | None = None
 _model_ids = itertools.count(1)
+_app_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -69,150 +72,165 @@ class ModelInfo:
     config: ModelConfig | None = field(default=None, repr=False)
 
 
-def _file_digest(path: str) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.digest()
+@dataclass(frozen=True)
+class ModelEntry:
+    """One loaded model in the registry: how it was loaded, what its actor publishes, how
+    often it restarted, what was loaded (quant, fingerprint, time, worker pid), why it
+    failed, its own supervisor, and whether an unload is under way."""
+
+    path: str
+    config: ModelConfig
+    observed: Observed
+    restarts: int = -1
+    loaded: dict[str, Any] = field(default_factory=dict)
+    failed: str | None = None
+    sup: pykka.ActorRef[Any] | None = None
+    unloading: bool = False
 
 
-_CHUNK = 64 << 20
-
-
-def _chunked_digest(path: str, size: int) -> bytes:
-    def one(offset: int) -> bytes:
-        with open(path, "rb") as f:  # hashlib releases the GIL on large buffers
-            f.seek(offset)
-            return hashlib.sha256(f.read(_CHUNK)).digest()
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(one, range(0, max(size, 1), _CHUNK)))
-    return hashlib.sha256(b"gguf_chunked\0" + b"".join(parts)).digest()
+ROOT_INTENSITY = 5
+ROOT_PERIOD = 30.0
 
 
 class Application:
-    """The running tree. Use ``erllama.start()`` / ``erllama.stop()``."""
+    """The running tree. Use ``erllama.start()`` / ``erllama.stop()``.
+
+    The root supervisor ``erllama_sup`` (``ONE_FOR_ONE``) starts, in order: the model
+    registry and the in-flight table (actors owning their tables), the cache supervisor
+    (meta server, writer pool, memory-pressure poller) and the model supervisor
+    (``SIMPLE_ONE_FOR_ONE``, one small supervisor per model over its actor); it stops them
+    in reverse order. A child that exits past its supervisor's intensity escalates; when
+    the root itself gives up, :attr:`failure` says why and every call raises it."""
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
-        self.cache = CacheStore.start(config.cache_config())
-        cache_api.attach(self.cache, self._longest_prefix, self._key_groups)
-        self.models: dict[str, tuple[str, ModelConfig]] = {}
-        self.restarts: dict[str, int] = {}
-        self.observed: dict[str, Observed] = {}
-        self.loaded: dict[str, dict[str, Any]] = {}
-        self.failed: dict[str, str] = {}
-        self.sups: dict[str, pykka.ActorRef[Any]] = {}
-        self.unloading: set[str] = set()
+        self.cache = CacheStore(config.cache_config(), supervise=False)
+        self.registry: Table[ModelEntry] = Table(f"erllama.registry.{next(_app_ids)}")
+        self.inflight: Table[Request] = Table(f"{self.registry.name}.inflight")
         self.stopping = False
-        self.inflight: dict[int, Request] = {}
-        spec = supervision.ChildSpec("model", self._start_model_sup, restart=supervision.Restart.TEMPORARY,
-                                     type=supervision.ChildType.SUPERVISOR, start_timeout=600)
-        try:
-            self.model_sup = supervision.start_supervisor(
-                supervision.SupFlags(supervision.Strategy.SIMPLE_ONE_FOR_ONE,
-                                     intensity=config.model_intensity, period=config.model_period), [spec])
-        except BaseException:
-            self.cache.close()
-            cache_api.detach()
-            raise
+        self.failure: str | None = None
+        self._models_name = f"{self.registry.name}.models"
+        model = supervision.ChildSpec("model", self._start_model_sup, restart=supervision.Restart.TEMPORARY,
+                                      type=supervision.ChildType.SUPERVISOR, start_timeout=600,
+                                      shutdown=supervision.INFINITY)
+        model_flags = supervision.SupFlags(supervision.Strategy.SIMPLE_ONE_FOR_ONE,
+                                           intensity=config.model_intensity, period=config.model_period)
+        specs = [self.registry.child_spec("registry"), self.inflight.child_spec("inflight"),
+                 self.cache.child_spec("cache"),
+                 supervision.ChildSpec("models", lambda: supervision.Supervisor.start(model_flags, [model]),
+                                       type=supervision.ChildType.SUPERVISOR, name=self._models_name,
+                                       shutdown=supervision.INFINITY)]
+        self.root = supervision.start_supervisor(
+            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=ROOT_INTENSITY, period=ROOT_PERIOD),
+            specs)
+        supervision.monitor(self.root, self._root_down)
+        cache_api.attach(self.cache, self._longest_prefix, self._key_groups)
 
-    def _start_model_sup(self, model_id: str) -> pykka.ActorRef[Any]:
+    @property
+    def model_sup(self) -> pykka.ActorRef[Any]:
+        """The model supervisor (follows its restarts)."""
+        return supervision.registry.whereis(self._models_name, timeout=30.0)
+
+    def _root_down(self, down: supervision.Down) -> None:
+        if self.stopping:
+            return
+        self.failure = f"erllama's root supervisor exited ({down.reason}); the application is down: stop and start it"
+        logger.error("%s", self.failure)
+
+    def check(self) -> None:
+        """Raise ``errors.ErllamaError`` when the tree has failed (an escalation reached the root)."""
+        if self.failure is not None:
+            raise errors.ErllamaError(self.failure)
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The registry entry of ``model_id`` (``ModelNotFound`` if none)."""
+        e = self.registry.get(model_id)
+        if e is None:
+            raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
+        return e
+
+    def model_ids(self) -> list[str]:
+        """The loaded models' ids."""
+        return [mid for mid, _ in self.registry.items()]
+
+    def _start_model_sup(self, model_id: str, path: str, cfg: ModelConfig) -> pykka.ActorRef[Any]:
         """The model's own supervisor: restarts its actor within the model's intensity,
         and shuts down when the actor is not to be restarted."""
-        _, cfg = self.models[model_id]
         restart = supervision.Restart(cfg.restart)
-        spec = supervision.ChildSpec(model_id, self._start_model, args=(model_id,), restart=restart,
+        # a model's stop runs shutdown saves (each waits for its write): no timeout cuts it short
+        spec = supervision.ChildSpec(model_id, self._start_model, args=(model_id, path, cfg), restart=restart,
                                      significant=restart is not supervision.Restart.PERMANENT,
-                                     start_timeout=600)
+                                     start_timeout=600, shutdown=supervision.INFINITY)
         flags = supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=self.config.model_intensity,
                                      period=self.config.model_period,
                                      auto_shutdown=supervision.AutoShutdown.ANY_SIGNIFICANT
                                      if restart is not supervision.Restart.PERMANENT else
                                      supervision.AutoShutdown.NEVER)
         ref = supervision.start_supervisor(flags, [spec], timeout=600)
-        self.sups[model_id] = ref
+        self.registry.update(model_id, sup=ref)
         supervision.monitor(ref, lambda down: self._model_sup_down(model_id, down))
         return ref
 
     def _model_sup_down(self, model_id: str, down: supervision.Down) -> None:
         """The model's supervisor ended: an unload, or the model gave up restarting."""
-        with _lock:
-            if self.sups.get(model_id) is down.actor_ref:
-                del self.sups[model_id]
-            if self.stopping or model_id in self.unloading or model_id not in self.models:
-                return
-            obs = self.observed.get(model_id)
-            last = obs.last_failure if obs is not None else None
-            self.failed[model_id] = (
-                f"model {model_id!r} failed and is not restarted any more ({down.reason}; "
-                f"{self.restarts.get(model_id, 0)} restarts; last failure: {last}); unload and load it again")
-        logger.error("%s", self.failed[model_id])
+        e = self.registry.get(model_id)
+        if e is None or self.stopping or e.unloading:
+            return
+        last = e.observed.last_failure
+        failed = (f"model {model_id!r} failed and is not restarted any more ({down.reason}; "
+                  f"{max(e.restarts, 0)} restarts; last failure: {last}); unload and load it again")
+        with contextlib.suppress(Exception):  # the registry itself may be going down
+            self.registry.update(model_id, failed=failed, sup=None)
+        logger.error("%s", failed)
         supervision.registry.unregister(f"erllama.model.{model_id}")
 
-    def _start_model(self, model_id: str) -> pykka.ActorRef[Any]:
-        path, cfg = self.models[model_id]
+    def _start_model(self, model_id: str, path: str, cfg: ModelConfig) -> pykka.ActorRef[Any]:
+        e = self.registry.apply(model_id, lambda old: old and dataclasses.replace(old, restarts=old.restarts + 1))
+        if e is None:
+            raise errors.ModelNotFound(f"model {model_id!r} was unloaded")
         name = f"erllama.model.{model_id}"
-        if model_id in self.restarts:
-            self.restarts[model_id] += 1
-        else:
-            self.restarts[model_id] = 0
         backend = open_backend(path, cfg, cache_dir=self.config.cache_dir)
         try:
             quant = quant_from_ftype_name(backend.ftype_name)
-            km = KeyMeta(self._fingerprint(path, cfg), quant_byte(quant), ctx_params_hash(**cfg.context_params()),
-                         cfg.namespace)
+            fp = cfg.fingerprint if isinstance(cfg.fingerprint, bytes) else \
+                file_fingerprint(path, cfg.fingerprint, self.config.cache_dir)
+            km = KeyMeta(fp, quant_byte(quant), ctx_params_hash(**cfg.context_params()), cfg.namespace)
             ref = ModelActor.start(model_id, backend, cfg.prefill_chunk, cache=self.cache, key_meta=km,
                                    policy=cfg.policy or self.config.policy, tier=cfg.tier,
-                                   observed=self.observed[model_id],
+                                   observed=e.observed,
                                    redirect=lambda req: self._redirect(model_id, req))
         except BaseException:
             backend.close()
             raise
         # the registry entry follows restarts: lookups wait while the model reloads
         supervision.registry.register(name, ref, supervised=True)
-        self.loaded[model_id] = {"quant": quant, "fingerprint": km.fingerprint, "loaded_at": time.time(),
-                                 "pid": getattr(backend, "pid", None)}
+        self.registry.update(model_id, loaded={"quant": quant, "fingerprint": km.fingerprint,
+                                               "loaded_at": time.time(), "pid": getattr(backend, "pid", None)})
         return ref
 
-    def _fingerprint(self, path: str, cfg: ModelConfig) -> bytes:
-        """The model's cache fingerprint: configured bytes, or a digest of the file
-        (``"file"``: SHA-256 of the bytes; ``"gguf_chunked"``: SHA-256 over the SHA-256 of
-        each 64 MiB chunk, hashed on several threads), remembered per (mode, path, size,
-        mtime, inode) in the cache directory."""
-        if isinstance(cfg.fingerprint, bytes):
-            return cfg.fingerprint
-        ident = f"{os.path.realpath(path)}|{file_identity(path)}"
-        if cfg.fingerprint != "file":
-            ident = f"{cfg.fingerprint}|{ident}"
-        store = Path(self.config.cache_dir) / "fingerprints.json"
-        with _lock:
-            known = read_json(store).get(ident)
-        if known is not None:
-            return bytes.fromhex(known)
-        if cfg.fingerprint == "gguf_chunked":
-            digest = _chunked_digest(path, os.path.getsize(path))
-        else:
-            digest = _file_digest(path)
-        with _lock:  # re-read: another load may have added its own entry meanwhile
-            write_json(store, {**read_json(store), ident: digest.hex()})
-        return digest
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Models first, then the cache."""
+    def prepare_stop(self, timeout: float = 30.0) -> None:
+        """Models first (their shutdown saves), then the cache's queued saves and its
+        ``ram`` rows, before the root supervisor stops the rest."""
         self.stopping = True
-        supervision.stop_supervisor(self.model_sup, timeout)
-        for model_id in list(self.models):
+        with contextlib.suppress(supervision.SupervisionError, pykka.ActorDeadError, supervision.NameNotFound,
+                                 supervision.NameUnavailable):
+            supervision.terminate_child(self.root, "models", timeout=timeout)
+        for model_id in self.model_ids():
             supervision.registry.unregister(f"erllama.model.{model_id}")
         self.cache.close(timeout)
-        cache_api.detach()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Models, then the cache, then the tables: the root supervisor in reverse order."""
+        try:
+            self.prepare_stop(timeout)
+        finally:
+            supervision.stop_supervisor(self.root, timeout)
+            cache_api.detach()
 
     # ---- models ---------------------------------------------------------------------------------
 
     def load_model(self, path: str | os.PathLike[str], model_id: str | None, options: dict[str, Any]) -> str:
+        self.check()
         cfg = ModelConfig.build(**options)
         path = os.fspath(path)
         if cfg.tier not in self.cache.tiers:
@@ -220,22 +238,20 @@ class Application:
                                      f"configured tiers: {sorted(self.cache.tiers)}")
         if not os.path.exists(path):
             raise FileNotFoundError(2, "model file not found", path)
-        with _lock:
-            model_id = model_id or f"model-{next(_model_ids)}"
-            if not isinstance(model_id, str) or not model_id:
-                raise errors.ConfigError(f"model_id must be a non-empty str, got {model_id!r}")
-            if model_id in self.models:
-                raise errors.AlreadyLoaded(f"a model is already loaded as {model_id!r}")
-            self.models[model_id] = (path, cfg)
-            self.observed[model_id] = Observed()
-            self.failed.pop(model_id, None)
+        model_id = model_id or f"model-{next(_model_ids)}"
+        if not isinstance(model_id, str) or not model_id:
+            raise errors.ConfigError(f"model_id must be a non-empty str, got {model_id!r}")
+        entry = ModelEntry(path, cfg, Observed())
+
+        def claim(old: ModelEntry | None) -> ModelEntry | None:
+            return entry if old is None else old
+
+        if self.registry.apply(model_id, claim) is not entry:
+            raise errors.AlreadyLoaded(f"a model is already loaded as {model_id!r}")
         try:
-            supervision.start_child(self.model_sup, model_id, timeout=600)
+            supervision.start_child(self.model_sup, model_id, path, cfg, timeout=600)
         except supervision.StartError as exc:
-            with _lock:
-                del self.models[model_id]
-                self.restarts.pop(model_id, None)
-                self.observed.pop(model_id, None)
+            self.registry.pop(model_id)
             cause = exc.cause
             while isinstance(cause, supervision.StartError):  # through the model's own supervisor
                 cause = cause.cause
@@ -244,42 +260,35 @@ class Application:
 
     def ref(self, model_id: str, timeout: float = 30.0) -> pykka.ActorRef[Any]:
         """The live actor of ``model_id`` (waits while it restarts)."""
-        if model_id not in self.models:
-            raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
-        if model_id in self.failed:
-            raise errors.ModelCrashed(self.failed[model_id])
+        self.check()
+        e = self.entry(model_id)
+        if e.failed is not None:
+            raise errors.ModelCrashed(e.failed)
         try:
             return supervision.registry.whereis(f"erllama.model.{model_id}", timeout=timeout)
         except (supervision.NameNotFound, supervision.NameUnavailable) as exc:
-            if model_id in self.failed:
-                raise errors.ModelCrashed(self.failed[model_id]) from None
+            now = self.registry.get(model_id)
+            if now is not None and now.failed is not None:
+                raise errors.ModelCrashed(now.failed) from None
             raise errors.ModelCrashed(f"model {model_id!r} is not running: {exc}") from None
 
     def unload(self, model_id: str) -> None:
         """Stop the model (live sequences get a shutdown save) and forget it."""
-        if model_id not in self.models:
+        e = self.registry.update(model_id, unloading=True)
+        if e is None:
             raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
-        with _lock:
-            self.unloading.add(model_id)
-            sup = self.sups.get(model_id)
         try:
-            if sup is not None:
-                supervision.terminate_child(self.model_sup, sup, timeout=60)
+            if e.sup is not None:
+                supervision.terminate_child(self.model_sup, e.sup, timeout=None)
         finally:
-            with _lock:
-                self.models.pop(model_id, None)
-                for table in (self.observed, self.failed, self.loaded, self.restarts):
-                    table.pop(model_id, None)
-                self.unloading.discard(model_id)
+            self.registry.pop(model_id)
             supervision.registry.unregister(f"erllama.model.{model_id}")
 
     def info(self, model_id: str) -> ModelInfo:
         """What ``model_info`` reports (no message to the actor: lock-free reads)."""
-        path, cfg = self.models.get(model_id) or (None, None)
-        if cfg is None:
-            raise errors.ModelNotFound(f"no model is loaded as {model_id!r}")
-        obs = self.observed.get(model_id) or Observed()
-        if model_id in self.failed:
+        e = self.entry(model_id)
+        obs, cfg = e.observed, e.config
+        if e.failed is not None:
             status = "failed"
         else:
             try:
@@ -287,9 +296,9 @@ class Application:
                 status = "loaded"
             except (supervision.NameNotFound, supervision.NameUnavailable):
                 status = "restarting"
-        loaded = self.loaded.get(model_id, {})
-        return ModelInfo(model_id, path, status, obs.phase, obs.pending_len, cfg.n_ctx, cfg.n_seq_max, cfg.tier,
-                         cfg.isolation, self.restarts.get(model_id, 0), obs.last_cache_hit, loaded.get("quant"),
+        loaded = e.loaded
+        return ModelInfo(model_id, e.path, status, obs.phase, obs.pending_len, cfg.n_ctx, cfg.n_seq_max, cfg.tier,
+                         cfg.isolation, max(e.restarts, 0), obs.last_cache_hit, loaded.get("quant"),
                          loaded.get("fingerprint"), loaded.get("loaded_at", 0.0), obs.last_failure,
                          obs.last_exit_signal, loaded.get("pid"), cfg)
 
@@ -300,21 +309,22 @@ class Application:
 
         def resubmit() -> None:
             try:
-                if self.stopping or model_id in self.unloading:
+                e = self.registry.get(model_id)
+                if self.stopping or e is None or e.unloading:
                     raise errors.ModelCrashed(f"model {model_id!r} was unloaded or stopped")
                 self.ref(model_id, timeout=60).tell(Submit(req))
             except (errors.ErllamaError, pykka.ActorDeadError) as exc:
-                req.finished = True
+                req.state.finished = True
                 req.sink(exc if isinstance(exc, errors.ErllamaError) else
                          errors.ModelCrashed(f"model {model_id!r} stopped before the request ran"))
 
         threading.Thread(target=resubmit, name=f"erllama-redirect-{req.id}", daemon=True).start()
 
     def _key_groups(self) -> dict[str, bytes | None]:
-        return {mid: obs.key_group for mid, obs in list(self.observed.items()) if mid in self.models}
+        return {mid: e.observed.key_group for mid, e in self.registry.items()}
 
     def _longest_prefix(self, model_id: str, tokens: Any) -> int:
-        return self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60)
+        return cast(int, self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60))
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -330,23 +340,66 @@ class Application:
 
         def deliver(event: Any) -> None:  # runs in the model actor's thread
             if not isinstance(event, Token):
-                self.inflight.pop(req.id, None)
+                self.inflight.discard(req.id)
             stream._push(event)
 
         req = Request(prompt if isinstance(prompt, str) else list(prompt), rp, deliver)
         stream = Stream(req.id, req.cancelled.set, sink)
-        self.inflight[req.id] = req
+        self.inflight.put(req.id, req)
         try:
             ref.tell(Submit(req))
-        except pykka.ActorDeadError:
-            self.inflight.pop(req.id, None)
-            raise errors.ModelCrashed(f"model {model_id!r} stopped") from None
+        except pykka.ActorDeadError:  # it died since ref() found it: its successor runs it
+            self._redirect(model_id, req)
         return stream
 
     def cancel(self, request_id: int) -> None:
         req = self.inflight.get(request_id)
         if req is not None:
             req.cancelled.set()
+
+    # ---- the tree -------------------------------------------------------------------------------
+
+    def tree(self) -> dict[str, Any]:
+        """The live supervision tree from the root: each supervisor's strategy and
+        intensity, and its children with their type, restart type, thread, status and
+        restart count (the ``observer`` view)."""
+        return _describe("erllama_sup", self.root, "supervisor", "permanent", None, 0, "running")
+
+
+def _describe(child_id: str, ref: pykka.ActorRef[Any] | None, kind: str, restart: str, thread: str | None,
+              restarts: int, status: str) -> dict[str, Any]:
+    node: dict[str, Any] = {"id": child_id, "type": kind, "restart": restart, "thread": thread,
+                            "restarts": restarts, "status": status,
+                            "actor": ref.actor_class.__name__ if ref is not None else None}
+    if kind == "supervisor" and ref is not None:
+        try:
+            st = supervision.inspect(ref, timeout=5.0)
+        except Exception:  # it is stopping or restarting
+            node["status"] = "unavailable"
+            return node
+        node["strategy"] = st.strategy.value
+        node["intensity"] = f"{st.intensity}/{st.period:g}s"
+        node["children"] = [_describe(c.id, c.ref, c.type.value, c.restart.value, c.thread, c.restarts, c.status)
+                            for c in st.children]
+    return node
+
+
+def format_tree(node: dict[str, Any]) -> str:
+    """The tree of :meth:`Application.tree` as indented text."""
+    lines: list[str] = []
+
+    def walk(n: dict[str, Any], prefix: str, last: bool, top: bool) -> None:
+        what = n["actor"] or "-"
+        extra = f" {n['strategy']} {n['intensity']}" if "strategy" in n else ""
+        line = (f"{n['id']} [{n['type']} {n['restart']}{extra}] {what} {n['status']}"
+                f"{' thread ' + n['thread'] if n['thread'] else ''} restarts {n['restarts']}")
+        lines.append(line if top else f"{prefix}{'└── ' if last else '├── '}{line}")
+        kids = n.get("children", [])
+        for i, k in enumerate(kids):
+            walk(k, prefix if top else prefix + ("    " if last else "│   "), i == len(kids) - 1, False)
+
+    walk(node, "", True, True)
+    return "\n".join(lines)
 
 
 def current() -> Application:

@@ -63,6 +63,19 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tree(args: argparse.Namespace) -> int:
+    import json
+
+    import erllama
+
+    with erllama.running(**({"cache_dir": args.cache_dir} if args.cache_dir else {})):
+        for path in args.model:
+            erllama.load_model(path, n_ctx=args.n_ctx, isolation=args.isolation)
+        out = erllama.tree(text=not args.json)
+    print(json.dumps(out, indent=1) if args.json else out)
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
@@ -132,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true", help="print erllama.cache.stats() as one JSON object")
     p.set_defaults(func=_cmd_cache)
+    p = sub.add_parser("tree", help="the live supervision tree of an application (with --model files loaded)")
+    p.add_argument("--model", action="append", default=[], help="a GGUF file to load first (repeatable)")
+    p.add_argument("--n-ctx", type=int, default=512)
+    p.add_argument("--isolation", default="none", choices=["none", "probe", "process"])
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print the tree as JSON")
+    p.set_defaults(func=_cmd_tree)
     p = sub.add_parser("doctor", help="what this runtime is (build, CPU features compiled in and present, "
                                       "build-cache key) and whether it decodes a known-good model here")
     p.add_argument("--json", action="store_true", help="print one JSON object")

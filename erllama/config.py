@@ -1,7 +1,11 @@
-"""Application and model configuration: frozen dataclasses, validated when built.
+"""Application, cache and model configuration: frozen dataclasses, validated when built.
 
 A bad value raises :class:`erllama.errors.ConfigError` naming the field and the value, so
 ``erllama.start(...)`` and ``erllama.load_model(...)`` fail before anything starts.
+
+A leaf of the package: it imports no actor and not the compiled module (the settings it
+embeds come from the pure :mod:`erllama.cache.policy` and :mod:`erllama.cache.pressure_rules`),
+so ``import erllama.config`` works without the extension (``tests/test_build.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from typing import Any
 
 from erllama import errors
 from erllama.cache.policy import SavePolicy
-from erllama.cache.pressure import PressureConfig
-from erllama.cache.store import CacheConfig
+from erllama.cache.pressure_rules import PressureConfig
 
-__all__ = ["AppConfig", "ModelConfig"]
+__all__ = ["AppConfig", "CacheConfig", "CacheLimits", "ModelConfig", "default_cache_dir"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -33,6 +36,11 @@ def _int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise errors.ConfigError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def _seconds(name: str, value: Any, hi: float) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise errors.ConfigError(f"{name} must be seconds in [0, {hi:g}], got {value!r}")
 
 
 def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -50,6 +58,26 @@ def _policy(value: Any, name: str = "policy") -> SavePolicy:
     raise errors.ConfigError(f"{name} must be a dict of save-policy knobs or a SavePolicy, got {value!r}")
 
 
+def _pressure(value: Any) -> PressureConfig:
+    if value is None:
+        return PressureConfig()
+    if isinstance(value, Mapping):
+        try:
+            return PressureConfig(**value)
+        except TypeError as exc:
+            raise errors.ConfigError(f"pressure: {exc}") from None
+    if not isinstance(value, PressureConfig):
+        raise errors.ConfigError(f"pressure must be a dict or PressureConfig, got {value!r}")
+    return value
+
+
+def default_cache_dir() -> Path:
+    """The cache directory when none is configured: ``$ERLLAMA_CACHE_DIR``, else
+    ``~/.cache/erllama``."""
+    env = os.environ.get("ERLLAMA_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "erllama"
+
+
 def _from_kwargs(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
@@ -60,23 +88,66 @@ def _from_kwargs(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
 
 
 @dataclass(frozen=True)
-class AppConfig:
-    """How the application runs: the cache directory, tier quotas and directories, the
-    default save policy, the writer pool, memory pressure, and the model supervisor's
-    restart intensity."""
+class CacheLimits:
+    """What :class:`AppConfig` and :class:`CacheConfig` share, declared and checked once:
+    the tier quotas (bytes; 0 disables a tier), the tmpfs tier's directory, the writer
+    pool's bounds, how long a save waits for room, and memory pressure (a dict, a
+    :class:`~erllama.cache.pressure.PressureConfig` or ``None`` for the default, stored as a
+    ``PressureConfig``)."""
 
-    cache_dir: str = field(default_factory=lambda: os.environ.get("ERLLAMA_CACHE_DIR")
-                           or str(Path.home() / ".cache" / "erllama"))
     ram_quota: int = 1 * GiB
     ram_file_dir: str | None = None
     ram_file_quota: int = 2 * GiB
     disk_quota: int = 20 * GiB
-    policy: Any = None
     writer_max_concurrent: int = 4
     writer_queue: int = 64
     writer_queue_bytes: int = 256 * MiB
     room_wait_s: float = 2.0
     pressure: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
+            _int(name, getattr(self, name), 0)
+        _int("writer_max_concurrent", self.writer_max_concurrent, 1, 256)
+        _int("writer_queue", self.writer_queue, 0, 4096)
+        _int("writer_queue_bytes", self.writer_queue_bytes, 0)
+        _seconds("room_wait_s", self.room_wait_s, 60)
+        object.__setattr__(self, "pressure", _pressure(self.pressure))
+
+
+@dataclass(frozen=True)
+class CacheConfig(CacheLimits):
+    """The cache store's configuration: the shared limits plus where the disk tier lives
+    (default ``<cache dir>/kv``) and how long a save waits for its parent row."""
+
+    disk_dir: str | None = None
+    parent_wait_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _seconds("parent_wait_s", self.parent_wait_s, 60)
+
+    def quota(self, tier: str) -> int:
+        """The byte quota of ``tier``."""
+        return {"ram": self.ram_quota, "ram_file": self.ram_file_quota, "disk": self.disk_quota}[tier]
+
+    def resolved_ram_file_dir(self) -> Path:
+        """The tmpfs directory (default ``/dev/shm/erllama-<uid>``)."""
+        return Path(self.ram_file_dir) if self.ram_file_dir else Path("/dev/shm") / f"erllama-{os.getuid()}"
+
+    def resolved_disk_dir(self) -> Path:
+        """The disk directory (default ``<cache dir>/kv``)."""
+        return Path(self.disk_dir) if self.disk_dir else default_cache_dir() / "kv"
+
+
+@dataclass(frozen=True)
+class AppConfig(CacheLimits):
+    """How the application runs: the cache directory, the shared cache limits (tier quotas
+    and directories, writer pool, memory pressure), the default save policy, and the model
+    supervisor's restart intensity."""
+
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+    policy: Any = None
     model_intensity: int = 5
     model_period: float = 30.0
 
@@ -84,30 +155,12 @@ class AppConfig:
         if not isinstance(self.cache_dir, str | os.PathLike) or not str(self.cache_dir):
             raise errors.ConfigError(f"cache_dir must be a path, got {self.cache_dir!r}")
         object.__setattr__(self, "cache_dir", str(Path(self.cache_dir).expanduser()))
-        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
-            _int(name, getattr(self, name), 0)
-        _int("writer_max_concurrent", self.writer_max_concurrent, 1, 256)
-        _int("writer_queue", self.writer_queue, 0, 4096)
-        _int("writer_queue_bytes", self.writer_queue_bytes, 0)
-        if not isinstance(self.room_wait_s, int | float) or isinstance(self.room_wait_s, bool) \
-                or not 0 <= self.room_wait_s <= 60:
-            raise errors.ConfigError(f"room_wait_s must be seconds in [0, 60], got {self.room_wait_s!r}")
+        super().__post_init__()
         _int("model_intensity", self.model_intensity, 0)
         if not isinstance(self.model_period, int | float) or isinstance(self.model_period, bool) \
                 or not 0 < self.model_period < 86400:
             raise errors.ConfigError(f"model_period must be seconds in (0, 86400), got {self.model_period!r}")
         object.__setattr__(self, "policy", _policy(self.policy))
-        pressure = self.pressure
-        if pressure is None:
-            pressure = PressureConfig()
-        elif isinstance(pressure, Mapping):
-            try:
-                pressure = PressureConfig(**pressure)
-            except TypeError as exc:
-                raise errors.ConfigError(f"pressure: {exc}") from None
-        elif not isinstance(pressure, PressureConfig):
-            raise errors.ConfigError(f"pressure must be a dict or PressureConfig, got {pressure!r}")
-        object.__setattr__(self, "pressure", pressure)
 
     @classmethod
     def build(cls, config: AppConfig | None = None, **overrides: Any) -> AppConfig:
@@ -116,11 +169,8 @@ class AppConfig:
 
     def cache_config(self) -> CacheConfig:
         """The cache store's configuration derived from this one."""
-        return CacheConfig(ram_quota=self.ram_quota, ram_file_dir=self.ram_file_dir,
-                           ram_file_quota=self.ram_file_quota, disk_dir=str(Path(self.cache_dir) / "kv"),
-                           disk_quota=self.disk_quota, writer_max_concurrent=self.writer_max_concurrent,
-                           writer_queue=self.writer_queue, writer_queue_bytes=self.writer_queue_bytes,
-                           room_wait_s=self.room_wait_s, pressure=self.pressure)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(CacheLimits)}
+        return CacheConfig(**shared, disk_dir=str(Path(self.cache_dir) / "kv"))
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ class Stream:
     async def __aiter__(self) -> AsyncIterator[Token | Done]:
         loop = asyncio.get_running_loop()
         it = iter(self)
-        sentinel = object()
+        sentinel: Any = object()
         while True:
-            event = await loop.run_in_executor(None, next, it, sentinel)
+            event: Token | Done = await loop.run_in_executor(None, next, it, sentinel)
             if event is sentinel:
                 return
             yield event

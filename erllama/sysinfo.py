@@ -25,7 +25,7 @@ _RELEVANT = ("sse3", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2", "avx_vnni", 
 
 @lru_cache(maxsize=1)
 def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model, flags = platform.processor() or platform.machine(), frozenset[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -88,7 +88,7 @@ def system_info(*, check: bool = True, refresh: bool = False) -> dict[str, Any]:
     now; ``refresh=True`` always starts one). The ``amx`` entry says whether the CPU has AMX,
     whether the build compiled ggml's AMX kernels, and whether they were requested.
     """
-    from erllama import __version__
+    from erllama._version import __version__
 
     flags = cpu_flags()
     compiled = compiled_features()

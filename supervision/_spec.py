@@ -82,8 +82,8 @@ DEFAULT_WORKER_SHUTDOWN: Final = 5.0
 
 
 def _check_number(value: object, name: str, *, minimum: float, allow_zero: bool = True) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (not allow_zero and value == 0):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) \
+            or value < minimum or (not allow_zero and value == 0):
         msg = f"{name} must be a finite number >= {minimum}{'' if allow_zero else ' and > 0'}, got {value!r}"
         raise ValueError(msg)
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pykka
 
@@ -77,6 +77,37 @@ class ChildInfo:
     restart: Restart
 
 
+@dataclass(frozen=True)
+class ChildStatus:
+    """One child in :func:`inspect`: its spec's id, type, restart type and shutdown, its
+    actor (``None`` while not running), the thread it runs in, how many times it was
+    restarted, and ``status`` (``"running"``, ``"restarting"`` or ``"stopped"``)."""
+
+    id: str
+    type: ChildType
+    restart: Restart
+    shutdown: Any
+    ref: pykka.ActorRef[Any] | None
+    thread: str | None
+    restarts: int
+    status: str
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    """What :func:`inspect` reports of a supervisor: its flags, restarts used in the
+    current window, and its children in start order."""
+
+    strategy: Strategy
+    intensity: int
+    period: float
+    children: tuple[ChildStatus, ...]
+
+
+class _Inspect:
+    pass
+
+
 @dataclass
 class _Child:
     spec: ChildSpec
@@ -84,6 +115,7 @@ class _Child:
     ref: pykka.ActorRef[Any] | None = None
     mref: MonitorRef | None = None
     retries: int = 0
+    restarts: int = 0
     exited_significant: bool = False
     stopped_on_request: bool = False
     holds_name: bool = False
@@ -194,6 +226,8 @@ class Supervisor(Actor):
             return self._restart_child(message.id)
         if isinstance(message, _DeleteChild):
             return self._delete_child(message.id)
+        if isinstance(message, _Inspect):
+            return self._inspect()
         if isinstance(message, _WhichChildren):
             return [ChildInfo(c.spec.id, c.ref, c.spec.type, c.spec.restart) for c in self._children]
         if isinstance(message, _CountChildren):
@@ -205,6 +239,16 @@ class Supervisor(Actor):
             }
         logger.warning("supervisor %s ignores an unexpected message %r", self.actor_ref, message)
         return None
+
+    def _inspect(self) -> SupervisorStatus:
+        rows = []
+        for c in self._children:
+            life = life_of(c.ref) if c.ref is not None else None
+            thread = life.thread.name if life is not None and life.thread is not None else None
+            status = "running" if c.ref is not None else ("restarting" if c.retries else "stopped")
+            rows.append(ChildStatus(c.spec.id, c.spec.type, c.spec.restart, c.spec.shutdown, c.ref, thread,
+                                    c.restarts, status))
+        return SupervisorStatus(self.flags.strategy, self.flags.intensity, self.flags.period, tuple(rows))
 
     # ---- starting and stopping one child ----------------------------------------------
 
@@ -344,6 +388,7 @@ class Supervisor(Actor):
             try:
                 self._start(child)
                 child.retries = 0
+                child.restarts += 1
             except StartError as exc:
                 logger.error("restart of %r failed: %s", child.spec.id, exc)
                 self._schedule_retry(group[i:], child)
@@ -468,37 +513,46 @@ def stop_supervisor(ref: pykka.ActorRef[Any], timeout: float | None = None) -> N
             life.thread.join(timeout)
 
 
-def _ask(sup: pykka.ActorRef[Any], message: Any, timeout: float | None) -> Any:
-    return sup.ask(message, timeout=timeout)
+T = TypeVar("T")
+
+
+def _ask(sup: pykka.ActorRef[Any], message: Any, timeout: float | None, _kind: type[T]) -> T:
+    return cast(T, sup.ask(message, timeout=timeout))
 
 
 def start_child(sup: pykka.ActorRef[Any], *args: Any, timeout: float | None = 30.0) -> pykka.ActorRef[Any]:
     """Start a dynamic child: ``start_child(sup, *args)`` on a ``SIMPLE_ONE_FOR_ONE``
     supervisor, ``start_child(sup, spec)`` on the others. Raises :class:`StartError`."""
-    return _ask(sup, _StartChild(args), timeout)
+    return _ask(sup, _StartChild(args), timeout, pykka.ActorRef)
 
 
 def terminate_child(sup: pykka.ActorRef[Any], child: str | pykka.ActorRef[Any], *,
                     timeout: float | None = 30.0) -> None:
     """Stop a child (by id, or by ref for dynamic children); it is not restarted."""
-    _ask(sup, _TerminateChild(child), timeout)
+    _ask(sup, _TerminateChild(child), timeout, object)
 
 
 def restart_child(sup: pykka.ActorRef[Any], child_id: str, *, timeout: float | None = 30.0) -> pykka.ActorRef[Any]:
     """Start again a terminated static child."""
-    return _ask(sup, _RestartChild(child_id), timeout)
+    return _ask(sup, _RestartChild(child_id), timeout, pykka.ActorRef)
 
 
 def delete_child(sup: pykka.ActorRef[Any], child_id: str, *, timeout: float | None = 30.0) -> None:
     """Remove a terminated static child's spec."""
-    _ask(sup, _DeleteChild(child_id), timeout)
+    _ask(sup, _DeleteChild(child_id), timeout, object)
 
 
 def which_children(sup: pykka.ActorRef[Any], *, timeout: float | None = 30.0) -> list[ChildInfo]:
     """The children in start order, with their current refs (``None`` when not running)."""
-    return _ask(sup, _WhichChildren(), timeout)
+    return _ask(sup, _WhichChildren(), timeout, list)
+
+
+def inspect(sup: pykka.ActorRef[Any], *, timeout: float | None = 30.0) -> SupervisorStatus:
+    """The supervisor's flags and, per child, its actor, thread, restart count and status
+    (the ``observer`` view of one supervisor)."""
+    return _ask(sup, _Inspect(), timeout, SupervisorStatus)
 
 
 def count_children(sup: pykka.ActorRef[Any], *, timeout: float | None = 30.0) -> dict[str, int]:
     """``specs``, ``active``, ``supervisors`` and ``workers`` counts, as OTP's."""
-    return _ask(sup, _CountChildren(), timeout)
+    return _ask(sup, _CountChildren(), timeout, dict)

@@ -1,15 +1,21 @@
-"""Shared fixtures: the tiny synthetic models (written here), the default real model, leak checks."""
+"""Shared fixtures: the tiny synthetic models (written here), the default real model, the leak
+checks (native objects per test, threads per module)."""
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
+import threading
 
+import pykka
 import pytest
 from hypothesis import HealthCheck, settings
 
 from erllama import _native as native
 from erllama.testing.tinymodel import write_tiny_lora, write_tiny_model
+
+from supervision_helpers import wait_until
 
 # The suite gates CI on a shared, noisy machine: the same examples every run and no
 # per-example deadline. HYPOTHESIS_PROFILE=explore draws new examples each run.
@@ -55,9 +61,13 @@ def tiny_ctx(tiny_model):
 
 @pytest.fixture(scope="session")
 def gemma_path():
-    """The default real model (Gemma 3 270M Q4_K_M), assembled from its PyPI package."""
-    from erllama.models import default_model_path
+    """The default real model (Gemma 3 270M Q4_K_M), assembled from its PyPI package; the
+    tests that use it are skipped, saying why, where that package is not installed."""
+    from erllama.models import DEFAULT_MODEL_PACKAGE, default_model_path
 
+    if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE.replace("-", "_")) is None:
+        pytest.skip(f"the default model's package {DEFAULT_MODEL_PACKAGE!r} is not installed "
+                    f"(pip install 'erllama[test]')")
     return default_model_path()
 
 
@@ -79,6 +89,33 @@ def app_dir(tmp_path_factory):
     erllama.start(cache_dir=str(d / "c"), ram_file_dir=str(d / "shm"))
     yield d / "c"
     erllama.stop()
+
+
+# threads that live as long as the process by design, not per application or test:
+# name prefix → why (anything else a test module leaves running fails it)
+PROCESS_WIDE_THREADS = {
+    "erllama-crc": "erllama/cache/tiers.py's CRC helper pool, created on first use, kept for the process",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_thread_leaks(request):
+    """Every test module ends with no thread of its own still running (actors, writer pools,
+    worker readers: every non-daemon thread it started; daemon timers end on their own).
+    Module-scoped, so module-scoped fixtures such as ``app_dir`` are torn down first."""
+    before = set(threading.enumerate())
+    yield
+
+    def left() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and not t.daemon and t.is_alive()
+                and not t.name.startswith(tuple(PROCESS_WIDE_THREADS))]
+
+    try:
+        wait_until(lambda: not left(), 10, step=0.01)
+    except AssertionError:
+        names = sorted(t.name for t in left())
+        pykka.ActorRegistry.stop_all(timeout=5)  # so that one leak does not fail later modules
+        pytest.fail(f"{request.module.__name__} left threads running: {names}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

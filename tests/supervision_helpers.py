@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import supervision as S
@@ -77,6 +78,7 @@ class Worker(S.Actor):
             self.actor_ref.stop(block=False)
             return None
         if isinstance(message, tuple) and message[0] == "sleep":
+            self.events.add("busy", self.name)
             time.sleep(message[1])
             return "slept"
         if message == "whoami":
@@ -97,10 +99,14 @@ def refs(sup) -> dict[str, Any]:
     return {c.id: c.ref for c in S.which_children(sup)}
 
 
-def wait_until(pred, timeout: float = 5.0, what: str = "condition") -> None:
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str | Callable[[], object] = "condition",
+               step: float = 0.005) -> bool:
+    """Poll ``pred`` until it is true and return ``True``, or fail the test after ``timeout`` s
+    naming ``what`` (a callable ``what`` is called then, to describe the state it timed out in).
+    The one wait helper of the suite: every test waits on an observable condition with it."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+        time.sleep(step)
+    return True

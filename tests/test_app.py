@@ -10,6 +10,8 @@ import pytest
 import erllama
 from erllama import errors
 
+from fault_helpers import crash_model
+
 
 @pytest.fixture
 def app(tmp_path):
@@ -82,11 +84,11 @@ def test_errors_of_the_facade(app, tiny_path, tmp_path):
         erllama.model_info(mid)
 
 
-def test_a_crashed_model_fails_its_requests_and_is_restarted(app, tiny_path):
+def test_a_crashed_model_fails_its_requests_and_is_restarted(app, tiny_path, monkeypatch):
     mid = load(tiny_path)
     long = erllama.infer(mid, "hello", max_tokens=100_000)
     next(iter(long))  # it is generating
-    erllama.whereis(mid).tell("crash")
+    crash_model(monkeypatch, mid)
     with pytest.raises(errors.ModelCrashed):
         long.result()
     c = erllama.complete(mid, "hello world", max_tokens=4)

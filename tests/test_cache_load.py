@@ -70,6 +70,7 @@ import erllama.cache
 from erllama.testing.tinymodel import tiny_vocab, write_tiny_model
 
 from cache_helpers import Sampler, Warnings, check_snapshot, dir_bytes, ram_bytes
+from supervision_helpers import wait_until
 
 RUNS = int(os.environ.get("ERLLAMA_LOAD_RUNS", "1"))
 
@@ -270,9 +271,8 @@ def test_two_models_under_a_concurrent_load_keep_quotas_and_every_row(run, two_m
                 limit = store.config.writer_max_concurrent + store.config.writer_queue - SAVES_PER_ROUND - 4
                 if r == EARLY:
                     limit = 0
-                while erllama.cache.stats()["writer"]["busy"] > limit:
-                    assert time.monotonic() - w0 < 30, f"the writer pool did not drain: {store.writer.stats()}"
-                    time.sleep(0.002)
+                wait_until(lambda: erllama.cache.stats()["writer"]["busy"] <= limit, 30,
+                           what=lambda: f"the writer pool to drain: {store.writer.stats()}", step=0.002)
                 waits.append(time.monotonic() - w0)
 
             rounds = threading.Barrier(THREADS + 1, action=pace, timeout=60)

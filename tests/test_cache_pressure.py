@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-
 import subprocess
 import threading
-import time
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -28,6 +26,8 @@ from erllama.cache.pressure import (
     nvidia_smi_source,
     system_source,
 )
+
+from supervision_helpers import wait_until
 
 MiB = 1024 * 1024
 
@@ -276,15 +276,6 @@ class FakeEvict:
             return len(self.calls)
 
 
-def wait_until(pred, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
 def non_daemon_threads():
     return {t for t in threading.enumerate() if not t.daemon and t.is_alive()}
 
@@ -402,16 +393,17 @@ def test_periodic_ticks_and_stop_cancels_timer():
     src, ev = FakeSource(95, 100), FakeEvict()
     ref = PressurePoller.start(cfg_with(src, interval_s=0.05), ev)
     try:
-        assert wait_until(lambda: ev.count() >= 2), f"only {ev.count()} evict calls"
+        wait_until(lambda: ev.count() >= 2, what=lambda: f"two evict calls (only {ev.count()})")
         assert len(non_daemon_threads() - threads_before) == 1  # the actor's thread
     finally:
         ref.stop()
     n = ev.count()
-    time.sleep(0.3)  # six intervals
-    assert ev.count() == n
-    assert wait_until(lambda: non_daemon_threads() == threads_before), (
-        non_daemon_threads() - threads_before)
-    assert wait_until(lambda: timer_threads() <= timers_before), timer_threads() - timers_before
+    wait_until(lambda: non_daemon_threads() == threads_before,
+               what=lambda: f"the actor's thread to end ({non_daemon_threads() - threads_before})")
+    wait_until(lambda: timer_threads() <= timers_before,
+               what=lambda: f"the timer threads to end ({timer_threads() - timers_before})")
+    # nothing is left that could tick: the actor exited normally and its timer was cancelled
+    assert S.exit_reason(ref).kind == "normal" and ev.count() == n
 
 
 def test_stop_cancels_a_pending_timer():
@@ -436,13 +428,15 @@ def test_disable_cancels_the_pending_timer(start_poller):
 
 
 def test_disable_stops_ticks_and_enable_rearms(start_poller):
+    timers_before = timer_threads()
     src, ev = FakeSource(95, 100), FakeEvict()
     ref = start_poller(cfg_with(src, interval_s=0.05), ev)
     assert wait_until(lambda: ev.count() >= 1)
     ref.ask(Enable(False))
     n = ev.count()
-    time.sleep(0.3)
-    assert ev.count() == n
+    # disabled: the pending timer is cancelled (its thread ends) and a tick already told is stale
+    wait_until(lambda: timer_threads() <= timers_before, what="the cancelled timer's thread to end")
+    assert ref.ask(Status())["enabled"] is False and ev.count() == n
     ref.ask(Enable(True))
     ref.ask(Enable(True))  # idempotent: still one timer
     assert wait_until(lambda: ev.count() >= n + 2)
@@ -451,9 +445,11 @@ def test_disable_stops_ticks_and_enable_rearms(start_poller):
 
 def test_no_ticks_when_disabled():
     src, ev = FakeSource(95, 100), FakeEvict()
+    timers_before = timer_threads()
     ref = PressurePoller.start(PressureConfig(source=src, interval_s=0.02), ev)
     try:
-        time.sleep(0.2)
+        # started disabled: no timer is ever armed, so nothing can tick
+        assert ref.ask(Status())["enabled"] is False and timer_threads() <= timers_before
         assert src.calls == 0 and ev.calls == []
     finally:
         ref.stop()
@@ -505,6 +501,7 @@ def test_stop_exit_is_normal():
 
 
 def test_runs_under_a_supervisor():
+    timers_before = timer_threads()
     src, ev = FakeSource(95, 100), FakeEvict()
     sup = S.start_supervisor(S.SupFlags(), [P.child_spec(cfg_with(src, interval_s=0.05), ev)])
     try:
@@ -515,5 +512,7 @@ def test_runs_under_a_supervisor():
     finally:
         S.stop_supervisor(sup)
     n = ev.count()
-    time.sleep(0.2)
+    # the supervisor stopped the poller, whose stop cancelled its timer: nothing can tick
+    assert not child.ref.is_alive() and S.exit_reason(child.ref).kind == "shutdown"
+    wait_until(lambda: timer_threads() <= timers_before, what="the poller's timer thread to end")
     assert ev.count() == n

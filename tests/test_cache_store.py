@@ -21,6 +21,8 @@ from erllama.cache.counters import counters
 from erllama.cache.key import KeyMeta, cache_key
 from erllama.cache.store import CacheConfig, CacheStore
 
+from supervision_helpers import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 KM = KeyMeta(b"f" * 32, 7, b"c" * 32)
 
@@ -194,6 +196,7 @@ def test_back_pressure_queues_then_drops_saves(tmp_path, monkeypatch):
         monkeypatch.setattr(s.tiers["ram"], "put", lambda k, p: (gate.wait(5), real(k, p)))
         first = s.save(row_meta([1]), None, payload(1))
         assert first is not None
+        wait_until(lambda: s.stats()["writer"]["queued_bytes"] == 0, what="the first save running")
         queued = s.save(row_meta([2]), None, payload(2, 60_000))
         assert queued is not None
         assert s.save(row_meta([3]), None, payload(3, 60_000)) is None  # 120 kB over the queue's 100 kB
@@ -289,7 +292,7 @@ def test_sigkilled_writer_then_restart(tmp_path, stage):
         for i in published:
             with s.restore(cache_key(KM, [i + 1, 7, 7])) as row:
                 assert row is not None and bytes(row.kv) == payload(i, 200_000)
-        for key, row in list(s.index.rows.items()):
+        for key in list(s.index.rows):
             with s.restore(key) as got:
                 i = got.meta.token_ids[0] - 1
                 assert bytes(got.kv) == payload(i, 200_000)  # nothing served that differs
@@ -377,8 +380,6 @@ def test_a_disk_hit_is_promoted_to_tmpfs_when_it_has_room(store):
     path = store.index.get(key).location
     with store.restore(key) as row:
         assert bytes(row.kv) == payload(5)
-    from supervision_helpers import wait_until
-
     wait_until(lambda: store.index.get(key).tier == "ram_file", what="promotion")
     assert store.flush()  # the move is visible before the writer deletes the disk file and counts it
     assert not path.exists() and counters.get("promotions") == 1
@@ -407,8 +408,6 @@ def test_a_dead_readers_checkout_is_released(store):
     assert reader.ask("take") == 1
     assert store._ask("holders") == 1
     reader.tell("die")
-    from supervision_helpers import wait_until
-
     wait_until(lambda: store.index.get(key).refcount == 0, what="checkout released")
     assert store._ask("holders") == 0
     assert store.evict_bytes(1)[0] == 1  # evictable again

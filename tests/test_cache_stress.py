@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -68,8 +69,21 @@ from erllama.cache.pressure import PressureConfig
 from erllama.cache.store import CacheConfig, CacheStore
 
 from cache_helpers import Sampler, Warnings, check_snapshot, dir_bytes
+from supervision_helpers import wait_until
 
 EXAMPLES = int(os.environ.get("ERLLAMA_STRESS_EXAMPLES", "20"))
+
+
+def waiting_for_room() -> bool:
+    """Some thread is blocked on a room waiter: a future's ``get`` called by the store's
+    ``_make_room`` (the wait for bytes to be released, not a spill to the next tier)."""
+    for frame in sys._current_frames().values():
+        inner = None
+        while frame is not None:
+            if frame.f_code.co_name == "_make_room" and inner == "get":
+                return True
+            inner, frame = frame.f_code.co_name, frame.f_back
+    return False
 STEPS = int(os.environ.get("ERLLAMA_STRESS_STEPS", "10"))
 
 KM = KeyMeta(b"s" * 32, 7, b"c" * 32)
@@ -634,7 +648,7 @@ def test_a_save_waits_for_rows_in_flight_then_lands_or_spills(room_wait_s):
             movers = [threading.Thread(target=store.persist_ram, daemon=True) for _ in range(2)]
             for th in movers:
                 th.start()
-            _wait(lambda: len(held) == 2, "both ram rows mid-move")
+            wait_until(lambda: len(held) == 2, 10, "both ram rows mid-move")
             assert {store.index.get(KEYS[i]).moving_to for i in (1, 2)} == {"ram_file"}
             t = store.stats()["tiers"]
             assert t["ram_file"]["moving_in"] == t["ram"]["bytes"] == 2 * store.index.get(KEYS[1]).size
@@ -642,8 +656,8 @@ def test_a_save_waits_for_rows_in_flight_then_lands_or_spills(room_wait_s):
             fut = store.save(row_meta(3), logits_of(3), payload(3, size), tier="ram")
             assert fut is not None
             if room_wait_s > 1:
-                _wait(lambda: counters.get("room_waits") > 0, "the save to wait for room")
-                time.sleep(0.2)
+                wait_until(lambda: counters.get("room_waits") > 0, 10, "the save to wait for room")
+                wait_until(waiting_for_room, 10, "the save's writer to block on its room waiter")
                 assert not fut.done(), f"the save did not wait: {fut.result()}"
                 assert store.stats()["tiers"]["ram"]["reserved"] == 0
                 gate.set()
@@ -680,10 +694,3 @@ def test_a_save_waits_for_rows_in_flight_then_lands_or_spills(room_wait_s):
         close_store(store)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
-
-
-def _wait(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from child_helpers import probe_children
 
 import erllama
 from erllama import _native as native
@@ -25,6 +24,8 @@ from erllama.backend.factory import check_adapter
 from erllama.config import ModelConfig
 from erllama.testing import malformed as M
 from erllama.testing.tinymodel import write_tiny_lora
+
+from child_helpers import probe_children
 
 ADAPTER_ABORTS = sorted(name for name, (_, stage, _) in M.ABORT_CASES.items() if stage.startswith("adapter_"))
 CLEAN = ["lora_bad_magic", "lora_arch_mismatch", "lora_wrong_shape"]

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from child_helpers import probe_children
 
 import erllama
 from erllama import _native as native
@@ -34,6 +33,8 @@ from erllama import errors
 from erllama.backend import probe
 from erllama.config import ModelConfig
 from erllama.testing import malformed as M
+
+from child_helpers import probe_children
 
 REACHABLE = sorted(name for name, (_, stage, _) in M.ABORT_CASES.items() if stage in probe.STAGES)
 OPTS = dict(n_ctx=256, n_batch=64, n_threads=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import mmap
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from erllama.backend.process import ProcessBackend
 from erllama.backend.stub import StubBackend
 from erllama.config import ModelConfig
 from erllama.testing.malformed import ABORT_CASES
+
+from supervision_helpers import wait_until
 
 TESTS = str(Path(__file__).resolve().parent)
 OPTS = dict(n_ctx=1024, n_seq_max=2, n_batch=128, n_threads=1)
@@ -59,20 +60,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_processes():
     """Every test ends with no child process of ours alive, and no zombie."""
     yield
-    assert wait_until(lambda: not children(), 10), f"leaked processes: {children()}"
+    wait_until(lambda: not children(), 10, what=lambda: f"no leaked processes: {children()}", step=0.05)
 
 
 @pytest.fixture
@@ -352,7 +344,7 @@ def test_a_worker_exits_when_its_host_is_killed(how):
         assert not gone(worker)
         host.kill()
         host.wait()
-        assert wait_until(lambda: gone(worker), 5), "the orphaned worker is still running"
+        wait_until(lambda: gone(worker), 5, what="the orphaned worker to end", step=0.05)
     finally:
         host.kill()
         host.wait()

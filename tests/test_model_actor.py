@@ -4,7 +4,6 @@ cancel, stop sequences, bad inputs and failed steps."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -15,6 +14,8 @@ from erllama.config import ModelConfig
 from erllama.model.actor import ModelActor, Submit
 from erllama.model.request import Request, RequestParams
 from erllama.types import Done, Token
+
+from supervision_helpers import wait_until
 
 
 class Collector:
@@ -122,7 +123,7 @@ def test_four_run_together_and_the_fifth_queues(make_actor):
         # with others can leave its lone greedy run after some tokens (issue 10)
         assert [r.tokens for r in results] == [submit(actor, p, max_tokens=10)[1].result().tokens
                                                for p in prompts]
-    admitted = sorted(range(5), key=lambda i: subs[i][0].t_admit)
+    admitted = sorted(range(5), key=lambda i: subs[i][0].state.t_admit)
     assert admitted == [0, 1, 2, 3, 4]
     assert results[4].stats.queued_ms > max(r.stats.queued_ms for r in results[:4])
 
@@ -208,7 +209,7 @@ def test_a_failed_step_fails_its_requests_only(make_actor):
     actor, be = make_actor(n_seq_max=2, backend_cls=FlakyStub)
     FlakyStub.fail_prompt = list(prompt_for(be, 2))
     a = submit(actor, prompt_for(be, 1), max_tokens=50)
-    time.sleep(0.05)
+    wait_until(lambda: any(isinstance(e, Token) for e in a[1].events), what="a to be generating")
     b = submit(actor, prompt_for(be, 2), max_tokens=5)
     outcomes = []
     for _, col in (a, b):

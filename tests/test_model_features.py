@@ -4,7 +4,6 @@ restart intensity, through the public API on the tiny model (and the stub where 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,20 @@ import erllama
 from erllama import errors
 from erllama.backend.stub import StubBackend
 
+from fault_helpers import crash_model
+from supervision_helpers import wait_until
+
 POLICY = {"min_tokens": 16, "cold_min_tokens": 16}
+
+
+def worker_dead(pid: int) -> bool:
+    """The worker process ``pid`` has exited (a zombie not yet reaped counts as dead)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture
@@ -209,9 +221,7 @@ def test_lock_free_reads_follow_the_model(app, tiny_path):
     long = erllama.infer(mid, "first", max_tokens=100_000)
     next(iter(long))
     queued = [erllama.infer(mid, f"queued {i}", max_tokens=2) for i in range(3)]
-    deadline = time.monotonic() + 10
-    while erllama.pending_len(mid) != 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: erllama.pending_len(mid) == 3, 10, "three queued requests")
     assert erllama.pending_len(mid) == 3 and erllama.queue_depth() == 3
     assert erllama.phase(mid) == "generating" and erllama.last_cache_hit(mid) == ("cold", 0)
     long.cancel()
@@ -239,18 +249,14 @@ def test_a_model_crashed_backend_restarts_the_model(app, tiny_path):
     assert erllama.model_info(mid).restarts == 1
 
 
-def test_a_model_that_keeps_crashing_is_marked_failed_and_others_go_on(app, tiny_path):
+def test_a_model_that_keeps_crashing_is_marked_failed_and_others_go_on(app, tiny_path, monkeypatch):
     other = load(tiny_path, model_id="other")
     mid = load(tiny_path, model_id="flaky")
     for expected in (1, 2):
-        erllama.whereis(mid).tell("crash")
-        deadline = time.monotonic() + 10
-        while erllama.model_info(mid).restarts < expected and time.monotonic() < deadline:
-            time.sleep(0.02)
-    erllama.whereis(mid).tell("crash")  # the third crash within the period: intensity 2 exceeded
-    deadline = time.monotonic() + 10
-    while erllama.model_info(mid).status != "failed" and time.monotonic() < deadline:
-        time.sleep(0.02)
+        crash_model(monkeypatch, mid)
+        wait_until(lambda: erllama.model_info(mid).restarts >= expected, 10, f"restart {expected}")
+    crash_model(monkeypatch, mid)  # the third crash within the period: intensity 2 exceeded
+    wait_until(lambda: erllama.model_info(mid).status == "failed", 10, "the model to be marked failed")
     info = erllama.model_info(mid)
     assert info.status == "failed" and "injected crash" in info.last_failure
     with pytest.raises(errors.ModelCrashed, match="not restarted"):
@@ -262,12 +268,10 @@ def test_a_model_that_keeps_crashing_is_marked_failed_and_others_go_on(app, tiny
     assert len(erllama.complete(again, "hi", max_tokens=2).tokens) == 2
 
 
-def test_a_temporary_model_is_not_restarted(app, tiny_path):
+def test_a_temporary_model_is_not_restarted(app, tiny_path, monkeypatch):
     mid = load(tiny_path, restart="temporary")
-    erllama.whereis(mid).tell("crash")
-    deadline = time.monotonic() + 10
-    while erllama.model_info(mid).status != "failed" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    crash_model(monkeypatch, mid)
+    wait_until(lambda: erllama.model_info(mid).status == "failed", 10, "the model to be marked failed")
     assert erllama.model_info(mid).status == "failed"
     with pytest.raises(errors.ModelCrashed):
         erllama.complete(mid, "hi", max_tokens=2)
@@ -313,9 +317,7 @@ def test_a_raising_sink_cancels_its_request_not_the_model(app, tiny_path):
         raise RuntimeError("the consumer broke")
 
     erllama.infer(mid, "hello", max_tokens=50, sink=bad_sink)
-    deadline = time.monotonic() + 10
-    while not any(isinstance(e, erllama.Done) for e in seen) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: any(isinstance(e, erllama.Done) for e in seen), 10, "the request's end")
     assert seen[-1].completion.finish_reason == "cancelled"
     assert len(erllama.complete(mid, "still serving", max_tokens=2).tokens) == 2
     assert erllama.model_info(mid).restarts == 0
@@ -331,14 +333,18 @@ def test_request_and_load_options_are_checked(tmp_path, tiny_path):
 
 
 def test_fingerprint_modes(tmp_path, tiny_path):
-    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "s")) as a:
-        fp_file = a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="file"))
-        fp_chunk = a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="gguf_chunked"))
-        import hashlib
+    import hashlib
 
-        assert fp_file == hashlib.sha256(open(tiny_path, "rb").read()).digest()
-        assert fp_chunk != fp_file and len(fp_chunk) == 32
-        assert a._fingerprint(str(tiny_path), erllama.ModelConfig(fingerprint="gguf_chunked")) == fp_chunk
+    from erllama.cache.fingerprint import file_fingerprint
+
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    fp_file = file_fingerprint(str(tiny_path), "file", cache_dir)
+    fp_chunk = file_fingerprint(str(tiny_path), "gguf_chunked", cache_dir)
+    assert fp_file == hashlib.sha256(tiny_path.read_bytes()).digest()
+    assert fp_chunk != fp_file and len(fp_chunk) == 32
+    assert len((cache_dir / "fingerprints.json").read_text()) > 0  # remembered per file identity
+    assert file_fingerprint(str(tiny_path), "gguf_chunked", cache_dir) == fp_chunk
 
 
 def test_a_worker_that_died_while_idle_fails_one_request_then_restarts(app, tiny_path):
@@ -352,7 +358,7 @@ def test_a_worker_that_died_while_idle_fails_one_request_then_restarts(app, tiny
     pid = erllama.model_info(mid).worker_pid
     assert pid and psutil.Process(pid).is_running()
     os.kill(pid, signal.SIGKILL)  # not reaped here: the backend must read the real status
-    time.sleep(0.2)
+    wait_until(lambda: worker_dead(pid), what="the worker to die")
     with pytest.raises(errors.ModelCrashed):  # the request that finds the worker dead (never hangs)
         erllama.infer(mid, "hello", max_tokens=3).result()
     assert erllama.complete(mid, "hello", max_tokens=3).tokens == ok.tokens
@@ -375,9 +381,9 @@ def test_ram_rows_and_shutdown_saves_outlive_the_application(tmp_path, tiny_path
         assert nxt.cache_hit == "partial" and nxt.cache_delta.read == len(context)
 
 
-def test_a_request_sent_as_the_model_dies_runs_on_its_successor(app, tiny_path):
+def test_a_request_sent_as_the_model_dies_runs_on_its_successor(app, tiny_path, monkeypatch):
     mid = load(tiny_path)
-    erllama.whereis(mid).tell("crash")
+    crash_model(monkeypatch, mid)
     # queued behind the crash in the dying actor's inbox: it never ran, so it is resubmitted
     c = erllama.complete(mid, "hello", max_tokens=3)
     assert len(c.tokens) == 3 and erllama.model_info(mid).restarts == 1
@@ -389,8 +395,9 @@ def test_a_query_that_finds_the_worker_dead_restarts_the_model(app, tiny_path):
 
     mid = load(tiny_path, isolation="process")
     ok = erllama.complete(mid, "hello", max_tokens=3)
-    os.kill(erllama.model_info(mid).worker_pid, signal.SIGKILL)
-    time.sleep(0.2)
+    pid = erllama.model_info(mid).worker_pid
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: worker_dead(pid), what="the worker to die")
     with pytest.raises(errors.ModelCrashed):
         erllama.embed(mid, "hello")
     assert erllama.complete(mid, "hello", max_tokens=3).tokens == ok.tokens

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import pykka
 import pytest
-from supervision_helpers import Events, refs, wait_until, worker
+from tests_threads import no_actor_threads_left  # noqa: F401  (autouse fixture)
 
 import supervision as S
-from tests_threads import no_actor_threads_left  # noqa: F401  (autouse fixture)
+
+from supervision_helpers import Events, refs, wait_until, worker
 
 FLAGS = dict(intensity=10, period=5.0)
 
@@ -95,7 +94,8 @@ def test_restart_types(restart, how, restarted):
     if restarted:
         wait_until(lambda: refs(sup).get("w") not in (None, old), what="w restarted")
     else:
-        time.sleep(0.2)
+        # a restart would happen while the supervisor handles the exit; wait for that handling
+        wait_until(lambda: refs(sup).get("w") != old, what="the supervisor to see w exit")
         kids = refs(sup)
         assert kids.get("w") is None
         assert ("w" in kids) == (restart is S.Restart.TRANSIENT)  # a static transient spec stays

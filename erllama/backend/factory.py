@@ -49,8 +49,8 @@ def open_backend(path: str | os.PathLike[str], config: Any, *, cache_dir: str | 
         try:
             from erllama.backend.probe import ensure_probed
         except ImportError:
-            ensure_probed = None
-        if ensure_probed is not None:
+            pass
+        else:
             ensure_probed(path, config, cache_dir=cache_dir)
     return backend_class(config.backend)(path, config)
 

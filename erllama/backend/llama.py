@@ -10,13 +10,9 @@ import numpy as np
 
 from erllama import _native as native
 from erllama import errors
+from erllama.checksum import crc32c
 
 __all__ = ["LlamaBackend", "crc32c", "native"]
-
-
-def crc32c(data, crc: int = 0) -> int:
-    """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated where available."""
-    return native.crc32c(data, crc)
 
 
 class LlamaBackend:

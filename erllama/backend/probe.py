@@ -53,7 +53,7 @@ DEFAULT_TIMEOUT = 300.0
 
 _lock = threading.Lock()
 _memory: dict[str, dict[str, Any]] = {}  # realpath -> {"ident": ..., "results": {params: record}}
-_stats = {"children": 0, "cache_hits": 0, "last_seconds": None}
+_stats: dict[str, Any] = {"children": 0, "cache_hits": 0, "last_seconds": None}
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,9 @@ def _died(subject: str, kind: str, returncode: int, stage: str | None, stderr: s
                        how if returncode < 0 else None, returncode)
 
 
-def ensure_probed(path: str | os.PathLike[str], config: Any, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+def ensure_probed(
+    path: str | os.PathLike[str], config: Any, *, cache_dir: str | os.PathLike[str] | None = None
+) -> None:
     """Return if ``path`` passed a probe under ``config``'s parameters, else raise what it failed with.
 
     A cached outcome for the same file identity and parameters is used without a child.
@@ -272,7 +274,7 @@ def _child(path: str, params: dict[str, Any], adapter: str | None = None) -> Non
         ctx.step([(0, tokens)])
         token = native.Sampler(model).sample(ctx, 0)
         ctx.step([(0, [token])])
-        report = {"ok": True}
+        report: dict[str, Any] = {"ok": True}
     except Exception as exc:  # noqa: BLE001 - reported to the host, which re-raises it
         report = {"ok": False, "stage": stage, "error": type(exc).__name__, "message": str(exc)}
     print("RESULT " + json.dumps(report), flush=True)

@@ -131,7 +131,8 @@ def run_selfcheck(*, timeout: float | None = None) -> SelfCheck:
     how = how_it_died(r.returncode) if r.returncode < 0 else None
     died = f"died by {how}" if how else f"exited with code {r.returncode}"
     return SelfCheck(False, seconds, stage, how, r.returncode,
-                     f"the self-check child {died} at stage {stage!r}; last llama.cpp line: {telling_line(r.stderr.splitlines()) or '(none)'}",
+                     f"the self-check child {died} at stage {stage!r}; "
+                     f"last llama.cpp line: {telling_line(r.stderr.splitlines()) or '(none)'}",
                      rid)
 
 
@@ -220,7 +221,7 @@ def _child(workdir: str) -> None:
         ctx.step([(0, [first]), (1, tokens[:5])])
         sampler.sample(ctx, 0)
         sampler.sample(ctx, 1)
-        report = {"ok": True}
+        report: dict[str, Any] = {"ok": True}
     except Exception as exc:  # noqa: BLE001 - reported to the host
         report = {"ok": False, "stage": stage, "message": f"{type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(report), flush=True)

@@ -96,7 +96,9 @@ def evict_bytes(n: int, tiers: list[str] | tuple[str, ...] | None = None) -> tup
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise errors.InvalidParameter(f"n must be an int >= 0 (bytes), got {n!r}")
     if tiers is not None:
-        bad = [t for t in tiers if t not in ("ram", "ram_file", "disk")]
+        from erllama.cache.index import TIERS
+
+        bad = [t for t in tiers if t not in TIERS]
         if bad:
             raise errors.InvalidParameter(f"unknown tiers {bad}; tiers are ram, ram_file, disk")
     return current().evict_bytes(n, tuple(tiers) if tiers else None)

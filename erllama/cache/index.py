@@ -243,7 +243,9 @@ class Index:
             del self.rows[key]
             self.used[row.tier] -= row.size
 
-    def remove(self, key: bytes, *, reason: str = "evictions", hold: bool = False, tier: str | None = None) -> Row | None:
+    def remove(
+        self, key: bytes, *, reason: str = "evictions", hold: bool = False, tier: str | None = None
+    ) -> Row | None:
         """Forget an available row (``reason``: ``"evictions"`` or ``"removed"``); returns
         it. ``hold``: its bytes stay charged as leaving until :meth:`release` (its file is
         still to be deleted). ``tier``: only if the row lives there."""

@@ -47,24 +47,28 @@ version byte is flipped to 1 still fails its header CRC.
 Writing is zero-copy: :func:`build_prefix` returns only the prefix, and the caller writes
 prefix, logits and kv as separate buffers. Reading reuses a caller-owned buffer
 (:func:`read_row`), and a :class:`Row` exposes the logits and kv as memoryviews into it.
+
+This module is the format only and does no I/O; reading and writing row files
+(:func:`read_into`, :func:`read_row`, :func:`read_header`, :func:`write_hit_count`) live in
+:mod:`erllama.cache.kvcfile` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import operator
-import os
 import socket
 import struct
 import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable
-from typing import BinaryIO
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
-from erllama import __version__, errors
-from erllama.backend.llama import crc32c
+from erllama import errors
+from erllama._version import __version__
+from erllama.checksum import crc32c
 
 __all__ = [
     "HEADER_SIZE",
@@ -91,10 +95,6 @@ __all__ = [
     "parse",
     "parse_header",
     "payload_crc32c",
-    "read_header",
-    "read_into",
-    "read_row",
-    "write_hit_count",
 ]
 
 MAGIC = b"KVC"
@@ -121,7 +121,6 @@ _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 _CRC_RECORD_SIZE = _TLV_HEAD.size + 4
 _GROW_STEP = 1 << 20
-_HEADER_READ = 64 << 10
 _BIG_ENDIAN = sys.byteorder == "big"
 
 assert _HEADER.size == HEADER_SIZE
@@ -403,7 +402,7 @@ class Row:
     """
 
     parsed: Parsed
-    logits: memoryview | None
+    logits: memoryview[float] | None
     kv: memoryview
     check: Callable[[], bool] | None = field(default=None, repr=False)
     tier: str | None = None
@@ -527,14 +526,58 @@ def build_prefix(meta: RowMeta, kv_len: int, logits: Buffer | None, payload_crc:
 
 
 def _parse_prefix(mv: memoryview, file_size: int | None) -> Parsed:
+    (_, version, _, reason, _, cached_count, hit_count, context_size, _,
+     creation_time, last_used_time, _, po, plen, pcrc, _) = _check_header(mv, file_size)
+    tlv_len_at, tlv_start = _check_sections(mv, po)
+    if version >= 2:
+        _check_header_crc(mv, tlv_start, po)
+    values = _read_tlvs(mv, tlv_start, po, version)
+    tokens = _check_tokens(values, version, cached_count)
+
+    n_logits = logits_crc = None
+    if Tag.LOGITS in values:
+        n_logits, logits_crc = _LOGITS_DESC.unpack(values[Tag.LOGITS])
+        if 4 * n_logits > plen:
+            raise CorruptRow("bad_tlv", f"{n_logits} logits do not fit in a {plen}-byte payload")
+    if reason not in SaveReason._value2member_map_:
+        raise CorruptRow("bad_header", f"unknown save_reason {reason}", actual=reason)
+
+    def text(tag: Tag) -> str | None:
+        v = values.get(tag)
+        return None if v is None else v.decode("utf-8", "surrogateescape")
+
+    meta = RowMeta(
+        fingerprint=values[Tag.FINGERPRINT],
+        quant=values[Tag.QUANT][0],
+        ctx_params_hash=values[Tag.CTX_PARAMS_HASH],
+        tokens=tokens,
+        namespace=values.get(Tag.NAMESPACE),
+        save_reason=SaveReason(reason),
+        context_size=context_size,
+        fingerprint_mode=values[Tag.FINGERPRINT_MODE][0],
+        creation_time=creation_time,
+        hostname=text(Tag.HOSTNAME),
+        version=text(Tag.VERSION),
+        detail=text(Tag.SAVE_REASON_DETAIL),
+        hit_count=hit_count,
+        prompt=bytes(mv[HEADER_SIZE + 4:tlv_len_at]),
+    )
+    return Parsed(meta=meta, version=version, cached_token_count=cached_count,
+                  last_used_time=last_used_time, payload_offset=po, payload_length=plen,
+                  payload_crc=pcrc, n_logits=n_logits, logits_crc=logits_crc,
+                  header=bytes(mv[:48]))
+
+
+def _check_header(mv: memoryview, file_size: int | None) -> tuple[Any, ...]:
+    """The fixed header's fields, once its magic, version, trailer and sizes are checked."""
     n = len(mv)
     if bytes(mv[:3]) != MAGIC[:n]:
         raise CorruptRow("bad_magic", "not a KVC row")
     if n < HEADER_SIZE:
         raise CorruptRow("truncated", f"{n} bytes, shorter than the {HEADER_SIZE}-byte header",
                          expected=HEADER_SIZE, actual=n)
-    (_, version, _, reason, _, cached_count, hit_count, context_size, _,
-     creation_time, last_used_time, byte_count, po, plen, pcrc, _) = _HEADER.unpack_from(mv, 0)
+    fields = _HEADER.unpack_from(mv, 0)
+    version, byte_count, po, plen = fields[1], fields[11], fields[12], fields[13]
     if version not in SUPPORTED_VERSIONS:
         raise CorruptRow("unsupported_version", f"version byte {version}", actual=version)
     if plen != byte_count:
@@ -552,7 +595,11 @@ def _parse_prefix(mv: memoryview, file_size: int | None) -> Parsed:
                              expected=end, actual=file_size)
     if n < po:
         raise CorruptRow("truncated", f"{n} bytes given, the prefix is {po}", expected=po, actual=n)
+    return fields
 
+
+def _check_sections(mv: memoryview, po: int) -> tuple[int, int]:
+    """``(tlv_len_at, tlv_start)`` once the prompt and TLV sections end exactly at ``po``."""
     prompt_len = _U32.unpack_from(mv, HEADER_SIZE)[0]
     tlv_len_at = HEADER_SIZE + 4 + prompt_len
     if tlv_len_at + 4 > po:
@@ -563,10 +610,12 @@ def _parse_prefix(mv: memoryview, file_size: int | None) -> Parsed:
     if tlv_end != po:
         raise CorruptRow("bad_section", f"TLV section ends at {tlv_end}, payload_offset is {po}",
                          expected=po, actual=tlv_end)
+    return tlv_len_at, tlv_start
 
-    if version >= 2:
-        _check_header_crc(mv, tlv_start, po)
 
+def _read_tlvs(mv: memoryview, tlv_start: int, po: int, version: int) -> dict[int, bytes]:
+    """The known TLVs by tag, checking framing, sizes, duplicates, the required tags and
+    that the header CRC record is last (and, for version 1, the CRC itself)."""
     values: dict[int, bytes] = {}
     crc_value_at = None
     pos = tlv_start
@@ -601,7 +650,11 @@ def _parse_prefix(mv: memoryview, file_size: int | None) -> Parsed:
             raise CorruptRow("bad_tlv", "the header CRC TLV is not the last record")
         if version < 2:
             _check_header_crc(mv, tlv_start, po)
+    return values
 
+
+def _check_tokens(values: dict[int, bytes], version: int, cached_count: int) -> bytes:
+    """The token ids TLV, checked against the header's count and the token count TLV."""
     tokens = values[Tag.TOKENS]
     if len(tokens) % 4:
         raise CorruptRow("bad_tlv", f"token ids TLV is {len(tokens)} bytes, not a multiple of 4")
@@ -614,39 +667,7 @@ def _parse_prefix(mv: memoryview, file_size: int | None) -> Parsed:
         if count is not None and (stated := _U32.unpack(count)[0]) != n_tokens:
             raise CorruptRow("bad_tlv", f"token count TLV {stated} != {n_tokens} token ids",
                              expected=n_tokens, actual=stated)
-
-    n_logits = logits_crc = None
-    if Tag.LOGITS in values:
-        n_logits, logits_crc = _LOGITS_DESC.unpack(values[Tag.LOGITS])
-        if 4 * n_logits > plen:
-            raise CorruptRow("bad_tlv", f"{n_logits} logits do not fit in a {plen}-byte payload")
-    if reason not in SaveReason._value2member_map_:
-        raise CorruptRow("bad_header", f"unknown save_reason {reason}", actual=reason)
-
-    def text(tag: Tag) -> str | None:
-        v = values.get(tag)
-        return None if v is None else v.decode("utf-8", "surrogateescape")
-
-    meta = RowMeta(
-        fingerprint=values[Tag.FINGERPRINT],
-        quant=values[Tag.QUANT][0],
-        ctx_params_hash=values[Tag.CTX_PARAMS_HASH],
-        tokens=tokens,
-        namespace=values.get(Tag.NAMESPACE),
-        save_reason=SaveReason(reason),
-        context_size=context_size,
-        fingerprint_mode=values[Tag.FINGERPRINT_MODE][0],
-        creation_time=creation_time,
-        hostname=text(Tag.HOSTNAME),
-        version=text(Tag.VERSION),
-        detail=text(Tag.SAVE_REASON_DETAIL),
-        hit_count=hit_count,
-        prompt=bytes(mv[HEADER_SIZE + 4:tlv_len_at]),
-    )
-    return Parsed(meta=meta, version=version, cached_token_count=cached_count,
-                  last_used_time=last_used_time, payload_offset=po, payload_length=plen,
-                  payload_crc=pcrc, n_logits=n_logits, logits_crc=logits_crc,
-                  header=bytes(mv[:48]))
+    return tokens
 
 
 def _check_header_crc(mv: memoryview, tlv_start: int, po: int) -> None:
@@ -730,7 +751,7 @@ def parse(data: Buffer, *, expected_key: bytes | None = None, key_fn: KeyFn | No
         mv.release()
 
 
-def _check_crcs(parsed: Parsed, logits: memoryview, kv: memoryview, crcs: PayloadCrc | None) -> None:
+def _check_crcs(parsed: Parsed, logits: memoryview[Any], kv: memoryview, crcs: PayloadCrc | None) -> None:
     po, ko, end = parsed.payload_offset, parsed.kv_offset, parsed.file_size
     done = crcs.covering(po, ko, end) if crcs is not None else None
     crc = 0
@@ -767,29 +788,6 @@ def ensure_capacity(buffer: bytearray, size: int) -> None:
     """Grow ``buffer`` (in 1 MiB steps) to hold at least ``size`` bytes."""
     if len(buffer) < size:
         _grow(buffer, size)
-
-
-def read_into(f: BinaryIO, size: int, buffer: bytearray | None = None, *, chunk: int = 0,
-              on_chunk: Callable[[int], object] | None = None) -> memoryview:
-    """Read up to ``size`` bytes of the open, unbuffered file ``f`` from its current
-    position into ``buffer`` (grown in 1 MiB steps when too small; a new one when
-    ``None``). Returns a view of the bytes read (fewer at EOF); the caller releases it.
-    With ``chunk``, reads at most that many bytes at a time and calls ``on_chunk(n)``
-    after each, ``n`` being the bytes read so far."""
-    if buffer is None:
-        buffer = bytearray(size)
-    else:
-        ensure_capacity(buffer, size)
-    got = 0
-    with memoryview(buffer) as whole:
-        while got < size:
-            n = f.readinto(whole[got:size if chunk <= 0 else min(size, got + chunk)])
-            if not n:
-                break
-            got += n
-            if on_chunk is not None:
-                on_chunk(got)
-        return whole[:got]
 
 
 class PayloadCrc:
@@ -844,61 +842,13 @@ class PayloadCrc:
         return (self._logits_crc if ko > po else 0), self._crc
 
 
-def read_row(path: str | os.PathLike[str], *, buffer: bytearray | None = None,
-             expected_key: bytes | None = None, key_fn: KeyFn | None = None) -> Row:
-    """Read and fully parse the row file at ``path``.
-
-    The file is read with ``readinto`` into ``buffer``, which is grown (in 1 MiB steps)
-    only when the file does not fit, so a buffer reused across reads costs no allocation;
-    without one a buffer of the file's size is allocated. The row's views point into the
-    buffer. ``OSError`` (e.g. ``FileNotFoundError``) propagates; a bad file raises
-    :class:`CorruptRow` naming the path.
-    """
-    with open(path, "rb", buffering=0) as f:
-        view = read_into(f, os.fstat(f.fileno()).st_size, buffer)
-    try:
-        return parse(view, expected_key=expected_key, key_fn=key_fn)
-    except CorruptRow as exc:
-        raise exc.with_path(os.fsdecode(path)) from None
-    finally:
-        view.release()
+_FILE_IO = frozenset({"read_header", "read_into", "read_row", "write_hit_count"})
 
 
-def read_header(path: str | os.PathLike[str]) -> Parsed:
-    """Meta-only parse of the row file at ``path`` (reads only its prefix), checking the
-    file size as :func:`parse_header` does. Raises :class:`CorruptRow` or ``OSError``."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        data = os.pread(f.fileno(), min(size, _HEADER_READ), 0)
-        if len(data) >= HEADER_SIZE:
-            po = _U64.unpack_from(data, _PAYLOAD_OFFSET_AT)[0]
-            if len(data) < po <= size:
-                data = os.pread(f.fileno(), po, 0)
-    try:
-        return parse_header(data, file_size=size)
-    except CorruptRow as exc:
-        raise exc.with_path(os.fsdecode(path)) from None
+def __getattr__(name: str) -> Any:
+    # the file functions are re-exported lazily: kvcfile imports this module
+    if name in _FILE_IO:
+        from erllama.cache import kvcfile
 
-
-def write_hit_count(path: str | os.PathLike[str] | int, hits: int) -> bool:
-    """Persist ``hits`` (saturated to u32) into the row file's header, in place; best
-    effort: returns whether it was written, never raises for I/O errors. The header CRC
-    does not cover these bytes, so the row stays valid. ``path`` may be an open file
-    descriptor (left open)."""
-    if hits < 0:
-        raise errors.InvalidParameter(f"hits must be >= 0, got {hits}")
-    own = not isinstance(path, int)
-    if not own:
-        fd = path
-    else:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-    try:
-        return os.pwrite(fd, _U32.pack(min(hits, _U32_MAX)), HIT_COUNT_OFFSET) == 4
-    except OSError:
-        return False
-    finally:
-        if own:
-            os.close(fd)
+        return getattr(kvcfile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,12 +12,10 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,72 +27,19 @@ from erllama.cache.counters import Counters, counters
 from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, Leaving, NoRoom, Row
 from erllama.cache.key import KeyMeta, cache_key, prefix_keys
 from erllama.cache.meta import RESERVATION_TTL, MetaServer, NeedRoom, group_of
-from erllama.cache.pressure import CheckNow, PressureConfig
+from erllama.cache.pressure import CheckNow
 from erllama.cache.pressure import Status as PressureStatus
 from erllama.cache.pressure import child_spec as pressure_child_spec
 from erllama.cache.publish import PublishError
 from erllama.cache.tiers import BufferPool, FileTier, RamTier, RowParts, encode_row
 from erllama.cache.writer import WriterPool
+from erllama.config import CacheConfig
 
 __all__ = ["CacheConfig", "CacheStore", "Hit"]
 
 logger = logging.getLogger("erllama.cache")
 
-GiB = 1 << 30
 _store_ids = itertools.count(1)
-
-
-def _default_cache_dir() -> Path:
-    env = os.environ.get("ERLLAMA_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "erllama"
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Where rows go and how much each tier may hold (bytes; 0 disables a tier)."""
-
-    ram_quota: int = 1 * GiB
-    ram_file_dir: str | None = None
-    ram_file_quota: int = 2 * GiB
-    disk_dir: str | None = None
-    disk_quota: int = 20 * GiB
-    writer_max_concurrent: int = 4
-    writer_queue: int = 64
-    writer_queue_bytes: int = 256 << 20
-    parent_wait_s: float = 0.5
-    room_wait_s: float = 2.0
-    pressure: PressureConfig = field(default_factory=PressureConfig)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pressure, PressureConfig):
-            raise errors.ConfigError(f"pressure must be a PressureConfig, got {self.pressure!r}")
-        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise errors.ConfigError(f"{name} must be an int >= 0 (bytes), got {v!r}")
-        w = self.writer_max_concurrent
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise errors.ConfigError(f"writer_max_concurrent must be an int >= 1, got {w!r}")
-        for name in ("writer_queue", "writer_queue_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise errors.ConfigError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("parent_wait_s", "room_wait_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 60:
-                raise errors.ConfigError(f"{name} must be within [0, 60] seconds, got {v!r}")
-
-    def quota(self, tier: str) -> int:
-        """The byte quota of ``tier``."""
-        return {"ram": self.ram_quota, "ram_file": self.ram_file_quota, "disk": self.disk_quota}[tier]
-
-    def resolved_ram_file_dir(self) -> Path:
-        """The tmpfs directory (default ``/dev/shm/erllama-<uid>``)."""
-        return Path(self.ram_file_dir) if self.ram_file_dir else Path("/dev/shm") / f"erllama-{os.getuid()}"
-
-    def resolved_disk_dir(self) -> Path:
-        """The disk directory (default ``<cache dir>/kv``)."""
-        return Path(self.disk_dir) if self.disk_dir else _default_cache_dir() / "kv"
 
 
 @dataclass(frozen=True)
@@ -110,7 +55,7 @@ class Hit:
 class CacheStore:
     """The cache subsystem. Start with :meth:`start`, stop with :meth:`close`."""
 
-    def __init__(self, config: CacheConfig, *, stats: Counters = counters) -> None:
+    def __init__(self, config: CacheConfig, *, stats: Counters = counters, supervise: bool = True) -> None:
         self.config = config
         self.counters = stats
         self.tiers: dict[str, Any] = {}
@@ -131,10 +76,18 @@ class CacheStore:
             name=self._name)
         self._pressure_name = f"{self._name}.pressure"
         poller = pressure_child_spec(config.pressure, self.evict_bytes, name=self._pressure_name)
-        self._sup = supervision.start_supervisor(
-            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0), [spec, poller])
         self.writer = WriterPool(config.writer_max_concurrent, queue=config.writer_queue,
                                  queue_bytes=config.writer_queue_bytes)
+        self._flags = supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0)
+        self._specs = [spec, self.writer.child_spec(), poller]
+        self._sup: Any = supervision.start_supervisor(self._flags, self._specs) if supervise else None
+
+    def child_spec(self, id: str = "cache") -> supervision.ChildSpec:  # noqa: A002
+        """The cache supervisor (meta server, writer pool, memory-pressure poller) as a
+        child of the application's root supervisor, for a store made with
+        ``supervise=False``."""
+        return supervision.ChildSpec(id, lambda: supervision.Supervisor.start(self._flags, self._specs),
+                                     type=supervision.ChildType.SUPERVISOR, shutdown=supervision.INFINITY)
 
     @classmethod
     def start(cls, config: CacheConfig | None = None, **overrides: Any) -> CacheStore:
@@ -151,10 +104,11 @@ class CacheStore:
     def close(self, timeout: float = 30.0, *, persist: bool = True) -> None:
         """Finish queued saves, move the ``ram`` rows to the slower tiers (``persist``:
         the ram tier dies with the process), then stop the meta server."""
-        self.writer.shutdown(wait=True)
+        self.writer.shutdown(wait=True, timeout=timeout)
         if persist:
             self.persist_ram(timeout)
-        supervision.stop_supervisor(self._sup, timeout)
+        if self._sup is not None:  # else its parent stops it
+            supervision.stop_supervisor(self._sup, timeout)
 
     def persist_ram(self, timeout: float = 30.0) -> int:
         """Demote every ``ram`` row, most recently used first, to the next slower tier with
@@ -207,7 +161,7 @@ class CacheStore:
             raise errors.ConfigError(f"tier {tier!r} is not configured (have {sorted(self.tiers)})")
         if wait:
             return self.writer.submit(self._save_job, meta, logits, kv, tier)
-        nbytes = memoryview(kv).nbytes + (0 if logits is None else memoryview(logits).nbytes)
+        nbytes = memoryview(kv).nbytes + (0 if logits is None else np.asarray(logits).nbytes)
         fut = self.writer.try_submit(self._save_job, meta, logits, kv, tier, nbytes=nbytes)
         if fut is None:
             self.counters.add("saves_dropped")

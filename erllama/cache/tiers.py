@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from erllama.cache import kvc, publish
+from erllama.cache import kvc, kvcfile, publish
 from erllama.cache.counters import Counters, counters
 from erllama.cache.key import key_from_parts
 
@@ -67,7 +67,7 @@ class ScannedRow(NamedTuple):
 
 def encode_row(meta: kvc.RowMeta, logits: np.ndarray | Buffer | None, kv: Buffer) -> RowParts:
     """Encode a row without copying ``logits`` or ``kv``."""
-    lview = None if logits is None else memoryview(np.ascontiguousarray(logits, dtype="<f4")).cast("B")
+    lview = None if logits is None else np.ascontiguousarray(logits, dtype="<f4").data.cast("B")
     crc = kvc.payload_crc32c(lview, kv)
     prefix = kvc.build_prefix(meta, memoryview(kv).nbytes, lview, crc)
     return RowParts(prefix, lview if lview is not None else b"", kv)
@@ -334,7 +334,7 @@ class FileTier:
                 kvc.ensure_capacity(buffer, st.st_size)  # never grown while the helper views it
                 pipe = _helpers.start(buffer)
             try:
-                view = kvc.read_into(f, st.st_size, buffer, chunk=PIPELINE_CHUNK if pipe else 0,
+                view = kvcfile.read_into(f, st.st_size, buffer, chunk=PIPELINE_CHUNK if pipe else 0,
                                      on_chunk=pipe.jobs.put if pipe else None)
             except BaseException:
                 if pipe is not None:
@@ -348,13 +348,13 @@ class FileTier:
             row = kvc.parse(view, expected_key=key, key_fn=key_from_parts,
                             verify_payload=not late and not (trusted and steady), crcs=crcs)
         except kvc.CorruptRow as exc:
-            if late:
+            if late and pipe is not None:
                 pipe.finish()  # the helper is done with the buffer before anyone reuses it
             self._verified.pop(key, None)
             raise exc.with_path(os.fsdecode(path)) from None
         finally:
             view.release()
-        if late:
+        if late and pipe is not None:
             check = _LateCheck(self, path, key, row, pipe, ident if steady else None, on_corrupt)
             return dataclasses.replace(row, check=check)
         if trusted and steady:
@@ -433,7 +433,7 @@ class FileTier:
         one right before this write."""
         path = self.path(key)
         if not self.trusting or key not in self._verified:
-            kvc.write_hit_count(path, hits)
+            kvcfile.write_hit_count(path, hits)
             return
         with self._lock:
             try:
@@ -442,7 +442,7 @@ class FileTier:
                 return
             try:
                 ok = _identity(os.fstat(fd)) == self._verified.get(key)
-                kvc.write_hit_count(fd, hits)
+                kvcfile.write_hit_count(fd, hits)
                 if ok:
                     self._verified[key] = _identity(os.fstat(fd))
                 else:
@@ -462,7 +462,7 @@ class FileTier:
         found: list[ScannedRow] = []
         for path in sorted(self.directory.glob(f"*{publish.ROW_SUFFIX}")):
             try:
-                parsed = kvc.read_header(path)
+                parsed = kvcfile.read_header(path)
                 m = parsed.meta
                 key = key_from_parts(m.fingerprint, m.quant, m.ctx_params_hash, m.namespace, m.tokens)
                 if path.name != publish.row_path(self.directory, key).name:

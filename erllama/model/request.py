@@ -1,4 +1,5 @@
-"""One request inside a model actor: its parameters, its progress and where its events go."""
+"""One request inside a model actor: what the caller asked (fixed), and the running state
+the actor changes as it serves it (``Request.state``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from erllama import errors
 from erllama.model.stops import TextStream, validate_stops
 from erllama.types import CacheDelta, Completion, Stats
 
-__all__ = ["Request", "RequestParams"]
+__all__ = ["Request", "RequestParams", "RequestState"]
 
 _ids = itertools.count(1)
 logger = logging.getLogger("erllama.model")
@@ -56,27 +57,21 @@ class RequestParams:
         return {k: v for k, v in out.items() if v is not None}
 
 
-class Request:
-    """A request's life in the actor: queued, prefilling, generating, finished."""
+class RequestState:
+    """What the model actor changes while it serves a request: its sequence, the tokens in
+    its KV, what is left to prefill, what it generated, the cache's part in it, timings."""
 
-    def __init__(self, prompt: list[int] | str, params: RequestParams, sink: Callable[[Any], None]) -> None:
-        self.id = next(_ids)
-        self.prompt: Any = prompt  # a str is tokenized by the actor
-        self.params = params
-        self._sink = sink
-        self.cancelled = threading.Event()
+    def __init__(self, prompt: Any, stops: tuple[str, ...]) -> None:
+        self.prompt: Any = prompt  # token ids once the actor tokenized a str prompt
         self.seq: int | None = None
-        self.order = self.id
         self.sampler: Any = None
-        self.cursor: list[int] = []
+        self.cursor: list[int] = []  # prompt tokens still to prefill
         self.next_token: int | None = None
         self.generated: list[int] = []
         self.context: list[int] = []  # tokens in the sequence's KV
-        self.text = TextStream(params.stop)
+        self.text = TextStream(stops)
         self.parts: list[str] = []
         self.finished = False
-        self.t_submit = time.perf_counter()
-        self.deadline = self.t_submit + params.timeout if params.timeout is not None else float("inf")
         self.t_admit = 0.0
         self.t_first = 0.0
         self.cache_hit = "cold"
@@ -88,6 +83,46 @@ class Request:
         self.finish_key: bytes | None = None
         self.last_save_at = 0
 
+    @property
+    def seq_id(self) -> int:
+        """The sequence of an admitted request (a queued one has none yet)."""
+        if self.seq is None:
+            raise RuntimeError("the request holds no sequence yet")
+        return self.seq
+
+
+class Request:
+    """A request: what the caller asked (``prompt``, ``params``, where events go), fixed when
+    built, and ``state``, its life in the actor: queued, prefilling, generating, finished.
+    ``cancelled`` is the caller's out-of-band cancel flag."""
+
+    __slots__ = ("_sink", "cancelled", "deadline", "id", "order", "params", "prompt", "state", "t_submit")
+    id: int
+    prompt: list[int] | str
+    params: RequestParams
+    _sink: Callable[[Any], None]
+    cancelled: threading.Event
+    order: int
+    t_submit: float
+    deadline: float
+    state: RequestState
+
+    def __init__(self, prompt: list[int] | str, params: RequestParams, sink: Callable[[Any], None]) -> None:
+        fix = super().__setattr__
+        fix("id", next(_ids))
+        fix("prompt", prompt)  # as asked; a str is tokenized by the actor into state.prompt
+        fix("params", params)
+        fix("_sink", sink)
+        fix("cancelled", threading.Event())
+        fix("order", self.id)
+        fix("t_submit", time.perf_counter())
+        fix("deadline", self.t_submit + params.timeout if params.timeout is not None else float("inf"))
+        fix("state", RequestState(prompt, params.stop))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Request.{name} is fixed when the request is built; "
+                             "the actor's running state is Request.state")
+
     def sink(self, event: Any) -> None:
         """Deliver an event; a sink that raises cancels its own request, never the model."""
         try:
@@ -97,25 +132,31 @@ class Request:
             self.cancelled.set()
 
     @property
+    def finished(self) -> bool:
+        """Whether the request got its last event (``Done`` or an error)."""
+        return self.state.finished
+
+    @property
     def phase(self) -> str:
         """``queued``, ``prefilling`` or ``generating``."""
-        if self.seq is None:
+        if self.state.seq is None:
             return "queued"
-        return "prefilling" if self.cursor else "generating"
+        return "prefilling" if self.state.cursor else "generating"
 
     def completion(self, finish_reason: str) -> Completion:
         """The final result."""
+        st = self.state
         now = time.perf_counter()
-        n = len(self.generated)
-        gen_s = now - self.t_first if self.t_first else 0.0
-        stats = Stats(prompt_tokens=len(self.prompt), completion_tokens=n,
-                      prefill_ms=((self.t_first or now) - (self.t_admit or now)) * 1e3,
-                      ttft_ms=((self.t_first or now) - self.t_submit) * 1e3, generation_ms=gen_s * 1e3,
+        n = len(st.generated)
+        gen_s = now - st.t_first if st.t_first else 0.0
+        stats = Stats(prompt_tokens=len(st.prompt), completion_tokens=n,
+                      prefill_ms=((st.t_first or now) - (st.t_admit or now)) * 1e3,
+                      ttft_ms=((st.t_first or now) - self.t_submit) * 1e3, generation_ms=gen_s * 1e3,
                       tokens_per_s=(n - 1) / gen_s if n > 1 and gen_s > 0 else 0.0,
-                      queued_ms=((self.t_admit or now) - self.t_submit) * 1e3)
-        return Completion(text="".join(self.parts), tokens=tuple(self.generated), context_tokens=len(self.context),
-                          finish_reason=finish_reason, finish_key=self.finish_key, cache_hit=self.cache_hit,
-                          cache_delta=CacheDelta(read=self.cache_read, created=self.cache_created,
-                                                 tier=self.cache_tier),
-                          stop_sequence=self.text.matched,
+                      queued_ms=((st.t_admit or now) - self.t_submit) * 1e3)
+        return Completion(text="".join(st.parts), tokens=tuple(st.generated), context_tokens=len(st.context),
+                          finish_reason=finish_reason, finish_key=st.finish_key, cache_hit=st.cache_hit,
+                          cache_delta=CacheDelta(read=st.cache_read, created=st.cache_created,
+                                                 tier=st.cache_tier),
+                          stop_sequence=st.text.matched,
                           stats=stats)

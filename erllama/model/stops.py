@@ -2,8 +2,8 @@
 
 Token pieces arrive as bytes that may split UTF-8 characters; :class:`TextStream` decodes
 them incrementally, finds the stop string that *completes* first (ties: the one that
-starts first, i.e. the longest) even when it spans pieces, and holds back only the text that could still become the start
-of a stop string, so a stream never shows a caller any part of a stop sequence.
+starts first, i.e. the longest) even when it spans pieces, and holds back only the text
+that could still become the start of a stop string, so a stream never shows a caller any part of a stop sequence.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class Spec:
     def get(self, key: str) -> KV | None:
         return next((kv for kv in self.kvs if kv.key == key), None)
 
-    def set(self, key: str, value: Any, vtype: int | None = None, sub: int | None = None) -> "Spec":
+    def set(self, key: str, value: Any, vtype: int | None = None, sub: int | None = None) -> Spec:
         kv = self.get(key)
         if kv is None:
             if vtype is None:
@@ -79,7 +79,7 @@ class Spec:
                 kv.vtype, kv.sub = vtype, sub
         return self
 
-    def drop(self, key: str) -> "Spec":
+    def drop(self, key: str) -> Spec:
         n = len(self.kvs)
         self.kvs = [kv for kv in self.kvs if kv.key != key]
         if len(self.kvs) == n:
@@ -89,11 +89,11 @@ class Spec:
     def tensor(self, name: str) -> TensorSpec:
         return next(t for t in self.tensors if t.name == name)
 
-    def drop_tensor(self, name: str) -> "Spec":
+    def drop_tensor(self, name: str) -> Spec:
         self.tensors.remove(self.tensor(name))
         return self
 
-    def put_tensor(self, name: str, array: np.ndarray, ggml_type: int = GGML_F32) -> "Spec":
+    def put_tensor(self, name: str, array: np.ndarray, ggml_type: int = GGML_F32) -> Spec:
         """Replace or add a tensor (numpy shape, i.e. reversed ggml ``ne``), stored as
         ``ggml_type`` (f32 by default)."""
         t = _tensor(name, array, ggml_type)
@@ -120,6 +120,8 @@ def _value(vtype: int, value: Any, sub: int | None) -> bytes:
     if vtype == STR:
         return _str(value)
     if vtype == ARR:
+        if sub is None:
+            raise ValueError("an array value needs its element type")
         out = struct.pack("<IQ", sub, len(value))
         return out + b"".join(_value(sub, v, None) for v in value)
     return struct.pack(_SCALAR_FMT[vtype], value)

@@ -33,17 +33,43 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 # the minimal writer lives in ggufwrite (no gguf package, no cases built at import)
 from erllama.testing.ggufwrite import (  # noqa: F401  (historical names of this module)
-    _ALIGN, _SCALAR_FMT, ARR, BOOL, F32, F64, GGML_F16, GGML_F32, GGML_Q4_0, I8, I16, I32, I64, KV, STR, U8, U16,
-    U32, U64, Spec, TensorSpec, _pad, _str, _tensor, _value, spec_bytes, write_spec,
+    _ALIGN,
+    _SCALAR_FMT,
+    ARR,
+    BOOL,
+    F32,
+    F64,
+    GGML_F16,
+    GGML_F32,
+    GGML_Q4_0,
+    I8,
+    I16,
+    I32,
+    I64,
+    KV,
+    STR,
+    U8,
+    U16,
+    U32,
+    U64,
+    Spec,
+    TensorSpec,
+    _pad,
+    _str,
+    _tensor,
+    _value,
+    spec_bytes,
+    write_spec,
 )
 from erllama.testing.tinymodel import N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYER, tiny_vocab, write_tiny_model
 
@@ -621,7 +647,10 @@ abort_n_embd_0 = _spec_case("``llama.embedding_length`` is 0; all tensors shaped
 
 
 def _dup_token(s: Spec) -> None:
-    toks = list(s.get("tokenizer.ggml.tokens").value)
+    kv = s.get("tokenizer.ggml.tokens")
+    if kv is None:
+        raise ValueError("the spec has no tokenizer.ggml.tokens")
+    toks = list(kv.value)
     toks[2] = toks[1]
     s.set("tokenizer.ggml.tokens", toks)
 

@@ -1,0 +1,196 @@
+"""The cache I/O of one model actor: restoring a saved row at admission, and the saves.
+
+A plain object the model actor owns and calls from its own thread (no actor of its own).
+An admission restores the exact prompt (sampling the first token from the row's stored
+logits, no re-decode), or the longest saved prefix (then prefills only the rest); a cold
+prompt is saved once prefilled (the whole prompt, and the policy's trimmed prefix), a long
+generation gets continued saves, a finished request saves its context. The actor packs the
+state (it owns the context); the writer pool writes, so saves never block decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from erllama import errors
+from erllama.backend.protocol import Backend
+from erllama.cache import kvc
+from erllama.cache.key import KeyMeta, cache_key
+from erllama.cache.policy import SavePolicy, cold_save_split, should_continued_save, should_finish_save
+from erllama.model.request import Request
+from erllama.types import Done
+
+__all__ = ["Saves"]
+
+logger = logging.getLogger("erllama.model")
+
+
+class Saves:
+    """Restores and saves for one model's backend, through the cache store ``cache``."""
+
+    def __init__(self, model_id: str, backend: Backend, cache: Any, policy: SavePolicy, tier: str) -> None:
+        self.model_id = model_id
+        self.backend = backend
+        self.cache = cache
+        self.policy = policy
+        self.tier = tier
+
+    def warm(self, req: Request, holder: Any) -> tuple[bytes | None, np.ndarray | None]:
+        """Restore the best saved row into the request's sequence, or arm the cold saves.
+
+        Returns the restored row's key (None when cold) and, for an exact hit, the row's
+        logits to sample the first token from."""
+        st = req.state
+        hit = self.cache.lookup(st.key_meta, st.prompt, parent_key=req.params.parent_key)
+        logits = None
+        if hit is not None:
+            # verify_late: a disk row's CRC runs while llama copies the KV; nothing restored
+            # is used before row.verified() says the bytes are the ones saved
+            with self.cache.restore(hit.key, holder=holder, verify_late=True) as row:
+                restored = -1
+                if row is not None and (row.logits is not None or hit.n_tokens < len(st.prompt)):
+                    # an exact hit needs the row's logits: re-decoding would change them
+                    try:
+                        restored = self.backend.state_set(st.seq_id, row.kv)
+                    except errors.StateError as exc:
+                        logger.warning("model %s: cached row does not restore: %s", self.model_id, exc)
+                    if restored >= 0 and not row.verified():
+                        restored = -1  # corrupt: removed and counted by the store
+                    if restored == hit.n_tokens:
+                        st.cache_tier = row.tier
+                    if restored == hit.n_tokens and hit.n_tokens == len(st.prompt):
+                        logits = np.frombuffer(row.logits, dtype=np.float32).copy()
+            if restored != hit.n_tokens:
+                self.backend.seq_clear(st.seq_id)
+                self.cache.restore_failed(hit)
+                hit = None
+        if hit is None:
+            st.cache_hit = "cold"
+            split = cold_save_split(self.policy, st.prompt)
+            if split is not None and len(split[0]) >= self.policy.min_tokens and split[1]:
+                st.cursor = list(split[0])
+                st.cold_rest = list(split[1])
+            return None, None
+        st.cache_hit = "exact" if logits is not None else "partial"
+        st.cache_read = hit.n_tokens
+        st.context = list(st.prompt[: hit.n_tokens])
+        st.cursor = list(st.prompt[hit.n_tokens:])
+        return hit.key, logits
+
+    def save(self, seq: int, tokens: list[int], km: KeyMeta, reason: kvc.SaveReason,
+             logits: np.ndarray | None, *, wait: bool = False) -> Any:
+        """Hand the sequence's state to the writer pool; returns the row's key (or, with
+        ``wait``, the save's future), or None when nothing was saved."""
+        tokens = list(tokens)
+        t0 = time.perf_counter_ns()
+        try:
+            kv = self.backend.state_get(seq)
+        except errors.ModelCrashed:
+            raise
+        except errors.ErllamaError as exc:
+            logger.warning("model %s: state_get failed, no %s save: %s", self.model_id, reason.name, exc)
+            return None
+        self.cache.counters.add("pack_total_ns", time.perf_counter_ns() - t0)
+        meta = kvc.RowMeta(fingerprint=km.fingerprint, quant=km.quant, ctx_params_hash=km.ctx_params_hash,
+                           namespace=km.namespace, tokens=kvc.encode_tokens(tokens), save_reason=reason,
+                           context_size=self.backend.n_ctx_seq)
+        try:
+            fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
+        except errors.ErllamaError as exc:
+            logger.warning("model %s: %s save refused: %s", self.model_id, reason.name.lower(), exc)
+            return None
+        if fut is None:
+            return None
+        return fut if wait else cache_key(km, tokens)
+
+    def save_req(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
+                 wait: bool = False) -> Any:
+        """:meth:`save` of the request's context, counting what it added to the cache."""
+        st = req.state
+        out = self.save(st.seq_id, st.context, st.key_meta, reason, logits, wait=wait)
+        if out is not None:  # SPEC 1.4: tokens this request added to the cache
+            st.cache_created = max(st.cache_created, len(st.context) - st.cache_read)
+        return out
+
+    def save_live(self, live: Iterable[tuple[int, list[int], KeyMeta]], reason: kvc.SaveReason,
+                  timeout: float = 60.0) -> int:
+        """Synchronously save each ``(seq, tokens, key_meta)`` of ``live`` (``evict``/``shutdown``);
+        returns how many rows were written or already present."""
+        futures = []
+        for seq, tokens, km in live:
+            if not tokens:
+                continue
+            try:
+                logits = self.backend.logits(seq)
+            except errors.ModelCrashed:
+                raise
+            except errors.ErllamaError:
+                logits = None
+            fut = self.save(seq, tokens, km, reason, logits, wait=True)
+            if fut is not None:
+                futures.append(fut)
+        done = 0
+        for fut in futures:
+            try:
+                fut.result(timeout=timeout)
+                done += 1
+            except Exception as exc:
+                logger.warning("model %s: %s save failed: %s", self.model_id, reason.name.lower(), exc)
+        return done
+
+    def continued(self, req: Request) -> None:
+        """A decode step: a continued save when the policy's interval is reached."""
+        st = req.state
+        if should_continued_save(self.policy, len(st.context), st.last_save_at):
+            self.save_req(req, kvc.SaveReason.CONTINUED, None)
+            st.last_save_at = len(st.context)
+
+    def cold_saves(self, req: Request) -> None:
+        """A cold prefill reached a save point: the trimmed prefix, or the whole prompt."""
+        st = req.state
+        if len(st.context) < self.policy.min_tokens:
+            return
+        self.save_req(req, kvc.SaveReason.COLD, self.backend.logits(st.seq_id))
+        if st.cold_rest is not None:
+            st.cursor, st.cold_rest = st.cold_rest, None
+
+    def prefilled(self, req: Request) -> Callable[[], None] | None:
+        """``prefill_only``: the prompt is in the KV; make sure a row of it exists.
+
+        Returns None when the request can finish now (its row exists, ``finish_key`` set;
+        or none could be saved), else the ``done`` for the actor's finish: it delivers the
+        ``Done`` (with a ``finish_key`` that is usable at once) when the row is published."""
+        st = req.state
+        key = cache_key(st.key_meta, st.context)
+        if self.cache.index.lookup_exact(key) is not None:
+            st.finish_key = key
+            return None
+        try:
+            logits = self.backend.logits(st.seq_id)
+        except errors.NoLogits:
+            logits = None
+        fut = self.save_req(req, kvc.SaveReason.COLD, logits, wait=True)
+        if fut is None:
+            return None
+
+        def published(f: Any) -> None:  # in a writer thread
+            st.finish_key = key if f.exception() is None else None
+            req.sink(Done(req.completion("prefilled")))
+
+        return lambda: fut.add_done_callback(published)
+
+    def finish(self, req: Request) -> None:
+        """A request that generated ends: save its context (its ``finish_key``) when the
+        policy wants it and the row does not exist yet."""
+        st = req.state
+        if st.generated and len(st.context) > st.cache_read and should_finish_save(self.policy, len(st.context)):
+            try:
+                logits = self.backend.logits(st.seq_id)
+            except errors.NoLogits:
+                logits = None
+            st.finish_key = self.save_req(req, kvc.SaveReason.FINISH, logits)
