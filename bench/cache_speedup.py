@@ -27,8 +27,8 @@ import numpy as np
 
 import erllama
 from erllama.backend.llama import native
+from erllama.default_model import default_model_path
 from erllama.demo import PARAGRAPH
-from erllama.models import default_model_path
 
 from cpuload import LoadMeter
 

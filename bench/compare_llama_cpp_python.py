@@ -59,14 +59,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import cpuload
 from compare_builds import wait_idle
-
-from cpuload import LoadMeter
 from report import fmt, git_rev
+from streams import timed_stream, timed_streams
 
 try:
     import erllama
@@ -74,7 +73,7 @@ except ImportError:  # run from a checkout without an installed erllama
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import erllama
 
-from erllama.models import default_model_path
+from erllama.default_model import default_model_path
 
 LLCP_VERSION = "0.3.36"
 LLCP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # BUILD.md
@@ -100,24 +99,6 @@ import json, os, sys, threading, time
 import llama_cpp
 from llama_cpp import Llama, LlamaRAMCache
 
-def busy():
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-    except Exception:
-        return None
-
-class Load:
-    def __enter__(self):
-        t = os.times(); self.own0 = t.user + t.system; self.b0 = busy(); self.w0 = time.perf_counter(); return self
-    def __exit__(self, *a):
-        w = time.perf_counter() - self.w0; b = busy(); t = os.times()
-        if b is None or self.b0 is None:
-            self.other = None
-        else:
-            self.other = max(0.0, (b - self.b0 - (t.user + t.system - self.own0)) / w)
-
 llm = None
 
 def stream(prompt, max_tokens, t0=None):
@@ -137,7 +118,7 @@ def stream(prompt, max_tokens, t0=None):
 for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
-    with Load() as load:
+    with LoadMeter() as load:
         if op == "load":
             t = time.perf_counter()
             llm = Llama(cmd["path"], n_ctx=cmd["n_ctx"], n_batch=512, n_ubatch=512, n_threads=cmd["threads"],
@@ -174,7 +155,7 @@ for line in sys.stdin:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="GGUF file (default: Gemma 3 270M, erllama.models.default_model_path())")
+    p.add_argument("--model", help="GGUF file (default: Gemma 3 270M, erllama.default_model.default_model_path())")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (both)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="length of the TTFT prompts")
@@ -238,7 +219,7 @@ class Driver:
     def __init__(self, python: Path) -> None:
         self.dir = tempfile.mkdtemp(prefix="erllama-llcp-")
         script = Path(self.dir) / "driver.py"
-        script.write_text(DRIVER)
+        script.write_text(Path(cpuload.__file__).read_text() + DRIVER)  # LoadMeter, then the driver
         self.err = open(Path(self.dir) / "stderr.log", "w+")
         self.proc = subprocess.Popen([str(python), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, text=True, bufsize=1)
@@ -269,50 +250,18 @@ class Driver:
 # ---- the erllama side -------------------------------------------------------------------------------
 
 def er_stream(mid: str, prompt: list[int], max_tokens: int) -> dict:
-    stamps, parts, ids, done = [], [], [], None
-    with LoadMeter() as load:
-        t0 = time.perf_counter()
-        for ev in erllama.infer(mid, prompt, max_tokens=max_tokens):
-            if isinstance(ev, erllama.Token):
-                if ev.id >= 0:
-                    stamps.append(time.perf_counter())
-                    ids.append(ev.id)
-                parts.append(ev.text)
-            else:
-                done = ev.completion
-    return {"ttft_ms": (stamps[0] - t0) * 1e3, "text": "".join(parts), "tokens": len(ids),
-            "gen_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
-            "hit": done.cache_hit, "read": done.cache_delta.read, "other": load.other}
+    run, other = timed_stream(mid, prompt, max_tokens)
+    done = run.completion
+    return {"ttft_ms": run.ttft_ms, "text": run.text, "tokens": len(run.ids),
+            "gen_tps": (len(run.stamps) - 1) / (run.stamps[-1] - run.stamps[0]) if len(run.stamps) > 1 else None,
+            "hit": done.cache_hit, "read": done.cache_delta.read, "other": other}
 
 
 def er_clients(mid: str, prompts: list[list[int]], max_tokens: int) -> dict:
-    k = len(prompts)
-    stamps: list[list[float]] = [[] for _ in range(k)]
-    texts: list[list[str]] = [[] for _ in range(k)]
-    ends = [0.0] * k
-    finished = threading.Event()  # no polling loop: a waking thread would steal a core from ggml
-
-    def sink_for(i: int):
-        def sink(ev) -> None:
-            now = time.perf_counter()
-            if isinstance(ev, erllama.Token):
-                if ev.id >= 0:
-                    stamps[i].append(now)
-                texts[i].append(ev.text)
-            else:
-                ends[i] = now
-                if all(ends):
-                    finished.set()
-        return sink
-
-    with LoadMeter() as load:
-        t0 = time.perf_counter()
-        for i, p in enumerate(prompts):
-            erllama.infer(mid, p, sink=sink_for(i), max_tokens=max_tokens)
-        finished.wait()
-    return {"clients": [{"ttft_ms": (s[0] - t0) * 1e3, "tokens": len(s), "text": "".join(t)}
-                        for s, t in zip(stamps, texts)],
-            "wall_s": max(s[-1] for s in stamps) - t0, "other": load.other}
+    runs, other = timed_streams(mid, prompts, max_tokens)
+    t0 = runs[0].t0
+    return {"clients": [{"ttft_ms": r.ttft_ms, "tokens": len(r.stamps), "text": r.text} for r in runs],
+            "wall_s": max(r.stamps[-1] for r in runs) - t0, "other": other}
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -320,9 +269,6 @@ def er_clients(mid: str, prompts: list[list[int]], max_tokens: int) -> dict:
 def long_prompt(mid: str, tag: str, n: int) -> list[int]:
     text = f"{tag}. Summarise the following notes.\n" + NOTES * (n // 40 + 2)
     return erllama.tokenize(mid, text)[:n]
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

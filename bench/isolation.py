@@ -33,8 +33,8 @@ from pathlib import Path
 import psutil
 
 import erllama
+from erllama.default_model import default_model_path
 from erllama.demo import PARAGRAPH
-from erllama.models import default_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpuload import cpu_busy_s  # noqa: E402

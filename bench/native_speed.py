@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.model:
         path = Path(args.model)
     else:
-        from erllama.models import default_model_path
+        from erllama.default_model import default_model_path
         path = default_model_path()
     info = native.system_info()
     t0 = time.perf_counter()

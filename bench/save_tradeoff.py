@@ -14,8 +14,8 @@ import statistics
 import time
 
 from erllama.backend.llama import native
+from erllama.default_model import default_model_path
 from erllama.demo import PARAGRAPH
-from erllama.models import default_model_path
 
 
 def main() -> None:

@@ -56,15 +56,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compare_builds import wait_idle
-
 from cpuload import LoadMeter
 from report import fmt, git_rev, med
+from streams import timed_stream, timed_streams
 
 try:
     import erllama
@@ -73,7 +72,7 @@ except ImportError:  # run from a checkout without an installed erllama
     import erllama
 
 from erllama.backend.llama import native
-from erllama.models import default_model_path
+from erllama.default_model import default_model_path
 
 # Continuation prompts the model does not end early (checked: > 256 greedy tokens each).
 PROMPTS = [
@@ -91,7 +90,7 @@ PROMPTS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="GGUF file (default: Gemma 3 270M, erllama.models.default_model_path())")
+    p.add_argument("--model", help="GGUF file (default: Gemma 3 270M, erllama.default_model.default_model_path())")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per request (max_tokens)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up round)")
@@ -238,20 +237,9 @@ def run_complete(mid: str, prompt: list[int], n: int) -> dict:
 
 
 def run_infer(mid: str, prompt: list[int], n: int) -> dict:
-    stamps: list[float] = []
-    ids: list[int] = []
-    with LoadMeter() as load:
-        t0 = time.perf_counter()
-        done = None
-        for ev in erllama.infer(mid, prompt, max_tokens=n):
-            if isinstance(ev, erllama.Token):
-                if ev.id >= 0:
-                    stamps.append(time.perf_counter())
-                    ids.append(ev.id)
-            else:
-                done = ev.completion
-    return {"ids": ids, "tps": gen_rate(len(ids), stamps[0], stamps[-1]), "ttft_ms": (stamps[0] - t0) * 1e3,
-            "hit": done.cache_hit if done else None, "other": load.other}
+    run, other = timed_stream(mid, prompt, n)
+    return {"ids": run.ids, "tps": gen_rate(len(run.ids), run.stamps[0], run.stamps[-1]), "ttft_ms": run.ttft_ms,
+            "hit": run.hit or None, "other": other}
 
 
 def _stream_stats(stamps: list[list[float]], t0: float, t_end: float) -> dict:
@@ -272,39 +260,9 @@ def run_raw_streams(raw: Raw, prompts: list[list[int]], n: int) -> dict:
 
 def run_streams(mid: str, prompts: list[list[int]], n: int) -> dict:
     """Start one stream per prompt at once; time every event in the model's thread."""
-    k = len(prompts)
-    stamps: list[list[float]] = [[] for _ in range(k)]
-    ids: list[list[int]] = [[] for _ in range(k)]
-    ends = [0.0] * k
-    finished = threading.Event()  # no polling loop: a waking thread would steal a core from ggml
-    hits = [""] * k
-
-    def sink_for(i: int):
-        def sink(ev) -> None:
-            now = time.perf_counter()
-            if isinstance(ev, erllama.Token):
-                if ev.id >= 0:
-                    stamps[i].append(now)
-                    ids[i].append(ev.id)
-            elif isinstance(ev, erllama.Done):
-                ends[i] = now
-                hits[i] = ev.completion.cache_hit
-            else:
-                ends[i] = now
-                hits[i] = f"error: {ev!r}"
-            if all(ends):
-                finished.set()
-        return sink
-
-    with LoadMeter() as load:
-        t0 = time.perf_counter()
-        for i, p in enumerate(prompts):
-            erllama.infer(mid, p, sink=sink_for(i), max_tokens=n)
-        finished.wait()
-        t_end = max(ends)
-    return {**_stream_stats(stamps, t0, t_end), "ids": ids, "hits": hits, "other": load.other}
-
-
+    runs, other = timed_streams(mid, prompts, n)
+    return {**_stream_stats([r.stamps for r in runs], runs[0].t0, max(r.end for r in runs)),
+            "ids": [r.ids for r in runs], "hits": [r.hit for r in runs], "other": other}
 
 
 def single_round(raw: Raw, mid: str, prompt: list[int], n: int, rnd: int) -> dict:

@@ -17,7 +17,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _model_path(name: str) -> str:
     if name == "default":
-        from erllama.models import default_model_path
+        from erllama.default_model import default_model_path
 
         return str(default_model_path())
     return name

@@ -20,12 +20,12 @@ from typing import Any
 from erllama import errors
 from erllama.cache.policy import SavePolicy
 from erllama.cache.pressure_rules import PressureConfig
+from erllama.types import TIERS
 
 __all__ = ["AppConfig", "CacheConfig", "CacheLimits", "ModelConfig", "default_cache_dir"]
 
 GiB = 1 << 30
 MiB = 1 << 20
-TIERS = ("ram", "ram_file", "disk")
 ISOLATION = ("none", "probe", "process")
 POOLING = ("unspecified", "none", "mean", "cls", "last")
 RESTART = ("temporary", "transient", "permanent")

@@ -8,7 +8,7 @@ import tempfile
 import time
 
 import erllama
-from erllama.models import default_model_path
+from erllama.default_model import default_model_path
 
 PARAGRAPH = (
     "The supervision tree restarts a failed worker without disturbing its siblings. "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token"]
+__all__ = ["TIERS", "CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token"]
+
+TIERS: tuple[str, ...] = ("ram", "ram_file", "disk")
+"""The cache tiers, fastest first: a row evicted from a tier is demoted to the next one with room."""
 
 
 @dataclass(frozen=True)

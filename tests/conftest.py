@@ -63,7 +63,7 @@ def tiny_ctx(tiny_model):
 def gemma_path():
     """The default real model (Gemma 3 270M Q4_K_M), assembled from its PyPI package; the
     tests that use it are skipped, saying why, where that package is not installed."""
-    from erllama.models import DEFAULT_MODEL_PACKAGE, default_model_path
+    from erllama.default_model import DEFAULT_MODEL_PACKAGE, default_model_path
 
     if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE.replace("-", "_")) is None:
         pytest.skip(f"the default model's package {DEFAULT_MODEL_PACKAGE!r} is not installed "

