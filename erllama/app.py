@@ -25,7 +25,7 @@ import pykka
 
 import supervision
 from erllama import cache as cache_api
-from erllama import errors
+from erllama import errors, private
 from erllama.backend.factory import open_backend
 from erllama.cache.fingerprint import file_fingerprint
 from erllama.cache.key import KeyMeta, ctx_params_hash, quant_byte, quant_from_ftype_name
@@ -104,6 +104,7 @@ class Application:
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        private.private_dir(config.cache_dir, "cache_dir")
         self.cache = CacheStore(config.cache_config(), supervise=False)
         self.registry: Table[ModelEntry] = Table(f"erllama.registry.{next(_app_ids)}")
         self.inflight: Table[Request] = Table(f"{self.registry.name}.inflight")
@@ -120,9 +121,13 @@ class Application:
                  supervision.ChildSpec("models", lambda: supervision.Supervisor.start(model_flags, [model]),
                                        type=supervision.ChildType.SUPERVISOR, name=self._models_name,
                                        shutdown=supervision.INFINITY)]
-        self.root = supervision.start_supervisor(
-            supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=ROOT_INTENSITY, period=ROOT_PERIOD),
-            specs)
+        try:
+            self.root = supervision.start_supervisor(
+                supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=ROOT_INTENSITY, period=ROOT_PERIOD),
+                specs)
+        except BaseException:
+            self.cache.release_locks()
+            raise
         supervision.monitor(self.root, self._root_down)
         cache_api.attach(self.cache, self._longest_prefix, self._key_groups)
 
@@ -225,6 +230,7 @@ class Application:
             self.prepare_stop(timeout)
         finally:
             supervision.stop_supervisor(self.root, timeout)
+            self.cache.release_locks()
             cache_api.detach()
 
     # ---- models ---------------------------------------------------------------------------------

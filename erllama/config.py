@@ -11,6 +11,7 @@ so ``import erllama.config`` works without the extension (``tests/test_build.py`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from erllama.cache.policy import SavePolicy
 from erllama.cache.pressure_rules import PressureConfig
 from erllama.types import TIERS
 
-__all__ = ["AppConfig", "CacheConfig", "CacheLimits", "ModelConfig", "default_cache_dir"]
+__all__ = ["AppConfig", "CacheConfig", "CacheLimits", "ModelConfig", "default_cache_dir", "default_ram_file_dir"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -76,6 +77,15 @@ def default_cache_dir() -> Path:
     ``~/.cache/erllama``."""
     env = os.environ.get("ERLLAMA_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "erllama"
+
+
+def default_ram_file_dir(anchor: str | os.PathLike[str], uid: int | None = None) -> Path:
+    """The ``ram_file`` tier's directory when none is configured:
+    ``/dev/shm/erllama-<uid>-<first 16 hex of the SHA-256 of anchor's real path>``, the
+    anchor being the cache directory, so applications on different cache directories
+    never share a tier (``uid``: this process's by default)."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(anchor))).hexdigest()[:16]
+    return Path("/dev/shm") / f"erllama-{os.getuid() if uid is None else uid}-{digest}"
 
 
 def _from_kwargs(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
@@ -132,8 +142,9 @@ class CacheConfig(CacheLimits):
         return {"ram": self.ram_quota, "ram_file": self.ram_file_quota, "disk": self.disk_quota}[tier]
 
     def resolved_ram_file_dir(self) -> Path:
-        """The tmpfs directory (default ``/dev/shm/erllama-<uid>``)."""
-        return Path(self.ram_file_dir) if self.ram_file_dir else Path("/dev/shm") / f"erllama-{os.getuid()}"
+        """The tmpfs directory (default :func:`default_ram_file_dir` of the disk directory;
+        an application passes one derived from its cache directory)."""
+        return Path(self.ram_file_dir) if self.ram_file_dir else default_ram_file_dir(self.resolved_disk_dir())
 
     def resolved_disk_dir(self) -> Path:
         """The disk directory (default ``<cache dir>/kv``)."""
@@ -170,6 +181,7 @@ class AppConfig(CacheLimits):
     def cache_config(self) -> CacheConfig:
         """The cache store's configuration derived from this one."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(CacheLimits)}
+        shared["ram_file_dir"] = self.ram_file_dir or str(default_ram_file_dir(self.cache_dir))
         return CacheConfig(**shared, disk_dir=str(Path(self.cache_dir) / "kv"))
 
 

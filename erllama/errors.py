@@ -33,6 +33,8 @@ __all__ = [
     "RequestTimeout",
     "ConfigError",
     "InvalidParameter",
+    "NotPrivate",
+    "CacheInUse",
     "CacheError",
     "DecodeFailed",
     "Aborted",
@@ -147,6 +149,17 @@ class ConfigError(ErllamaError, ValueError):
 
 class InvalidParameter(ConfigError):
     """A call parameter is invalid; the message names the parameter and the value."""
+
+
+class NotPrivate(ConfigError, PermissionError):
+    """A directory or file the cache would use is not this user's alone: owned by another
+    user, a symbolic link, not a directory (or regular file), or writable by others. The
+    message names the path and what is wrong; erllama never changes another user's path."""
+
+
+class CacheInUse(ConfigError):
+    """A cache tier directory is locked by another running erllama application (two
+    applications cannot share a tier: each would count, evict and rebuild the other's rows)."""
 
 
 class CacheError(ErllamaError):

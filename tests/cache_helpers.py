@@ -17,7 +17,8 @@ log = logging.getLogger("erllama.cache")
 
 def dir_bytes(directory: Path) -> tuple[int, list[tuple[str, int]]]:
     """Sum of ``st_size`` over the distinct inodes of the files in ``directory`` (rows and
-    temporaries; the one-byte ``ctime-probe`` a ``FileTier`` writes at creation ignored),
+    temporaries; the one-byte ``ctime-probe`` a ``FileTier`` writes at creation and the
+    application's ``.lock`` ignored),
     the names listed at once then stat'ed (a file gone meanwhile counts 0)."""
     seen: dict[tuple[int, int], int] = {}
     names: list[tuple[str, int]] = []
@@ -27,7 +28,7 @@ def dir_bytes(directory: Path) -> tuple[int, list[tuple[str, int]]]:
     except FileNotFoundError:
         return 0, []
     for e in entries:
-        if e.name.startswith("ctime-probe"):
+        if e.name.startswith("ctime-probe") or e.name == ".lock":
             continue
         try:
             st = e.stat(follow_symlinks=False)

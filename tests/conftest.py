@@ -4,8 +4,10 @@ checks (native objects per test, threads per module)."""
 from __future__ import annotations
 
 import gc
+import glob
 import importlib.util
 import os
+import shutil
 import threading
 
 import pykka
@@ -23,6 +25,18 @@ settings.register_profile("erllama", derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "erllama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ram_file_dirs_left():
+    """Applications on a temporary cache_dir without a ram_file_dir make their own
+    /dev/shm/erllama-<uid>-<hash> (derived from the cache_dir): remove the ones this
+    session made, so tmpfs (memory) does not fill up run after run."""
+    pattern = f"/dev/shm/erllama-{os.getuid()}-*"
+    before = set(glob.glob(pattern))
+    yield
+    for d in set(glob.glob(pattern)) - before:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def test_errors_import_without_the_extension():
 # ("erllama" alone is the facade, erllama/__init__.py). Every module must be listed.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # leaves: no actor, no compiled module (checksum only tries it), importable anywhere
-    ("leaf", ("erllama._version", "erllama.errors", "erllama.types", "erllama.checksum",
+    ("leaf", ("erllama._version", "erllama.errors", "erllama.types", "erllama.checksum", "erllama.private",
               "erllama.filestore", "erllama.testing", "erllama.cache.policy",
               "erllama.cache.pressure_rules", "erllama.config")),
     ("cache", ("erllama.cache",)),

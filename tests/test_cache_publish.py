@@ -136,7 +136,7 @@ def test_enospc_on_a_full_filesystem_leaves_nothing(tmp_path):
     """A 1 MiB tmpfs cannot take a 3 MB row: the write fails cleanly and no file remains."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -254,7 +255,8 @@ def test_restart_on_the_same_directories_keeps_file_rows(cfg):
 
 
 CHILD = textwrap.dedent("""
-    import sys, numpy as np
+    import os, sys, numpy as np
+    os.umask(0)  # nothing may be private by accident
     sys.path.insert(0, {tests!r})
     from test_cache_store import row_meta, payload, LOGITS
     from erllama.cache.store import CacheStore, CacheConfig
@@ -268,13 +270,16 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("stage", ["tmp_half_written", "tmp_synced", "linked", "dir_synced", None])
 def test_sigkilled_writer_then_restart(tmp_path, stage):
-    """A process saving rows dies at a publish stage (or at a random moment): a cache
-    restarted on its directory serves every published row intact and nothing else."""
+    """A process saving rows dies at a publish stage (or at a random moment): what it left
+    is readable by nobody else (its directory 0700; rows, temporaries and the lock 0600,
+    though it ran with umask 0), and a cache restarted on its directory serves every
+    published row intact and nothing else."""
+    disk = tmp_path / "kv"  # made by the writer
     env = dict(os.environ)
     if stage:
         env["ERLLAMA_FAULT_STAGE"] = stage
     code = CHILD.format(tests=str(ROOT / "tests"))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "400"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", code, str(disk), "400"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     out = ""
     if stage is None:  # a random moment once it is saving
@@ -285,9 +290,14 @@ def test_sigkilled_writer_then_restart(tmp_path, stage):
     out += rest
     assert proc.returncode == -signal.SIGKILL
     published = [int(x) for x in out.split()]
-    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(tmp_path), disk_quota=10**9))
+    # what the dead writer left (rows, a temporary, the lock) is readable by nobody else
+    left = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in disk.iterdir()}
+    assert ".lock" in left and (stage != "tmp_half_written" or any(n.endswith(".tmp") for n in left)), left
+    assert all(mode == 0o600 for mode in left.values()), {n: oct(m) for n, m in left.items()}
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o700
+    s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(disk), disk_quota=10**9))
     try:
-        assert not list(tmp_path.glob("*.tmp"))
+        assert not list(disk.glob("*.tmp"))
         assert s.reservations() == 0
         for i in published:
             with s.restore(cache_key(KM, [i + 1, 7, 7])) as row:
@@ -330,7 +340,7 @@ def test_module_functions(store):
 def test_disk_full_fails_the_save_cleanly(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k,mode=0700", "tmpfs", str(mnt)], capture_output=True)
     assert res.returncode == 0, f"this test mounts a small tmpfs (needs root): {res.stderr!r}"
     counters.reset()
     s = CacheStore.start(CacheConfig(ram_quota=0, ram_file_quota=0, disk_dir=str(mnt), disk_quota=10**9))
@@ -343,7 +353,7 @@ def test_disk_full_fails_the_save_cleanly(tmp_path):
             fut.result(timeout=10)
         assert info.value.errno == 28
         assert counters.get("saves_failed") == 1 and s.reservations() == 0
-        assert [p.name for p in mnt.iterdir()] == [cache_key(KM, [1, 2]).hex() + ".kvc"]
+        assert sorted(p.name for p in mnt.iterdir()) == [".lock", cache_key(KM, [1, 2]).hex() + ".kvc"]
         assert s.lookup(KM, [3, 4]) is None and s.index.used["disk"] == s.index.get(cache_key(KM, [1, 2])).size
     finally:
         s.close()

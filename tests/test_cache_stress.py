@@ -157,7 +157,7 @@ def shm_root():
     global SHM_ROOT, SHM_KIND
     mnt = Path(tempfile.mkdtemp(prefix="erllama-stress-tmpfs-"))
     try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={MOUNT_SIZE}", "tmpfs", str(mnt)],
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={MOUNT_SIZE},mode=0700", "tmpfs", str(mnt)],
                              capture_output=True, timeout=30)
         mounted = res.returncode == 0
     except (OSError, subprocess.SubprocessError):

@@ -99,7 +99,7 @@ def test_scan_after_restart(tmp_path, stats):
 def test_enospc_fails_cleanly(tmp_path, stats):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)], capture_output=True)
     assert res.returncode == 0, f"this test mounts a small tmpfs (needs root): {res.stderr!r}"
     try:
         tier = FileTier("ram_file", mnt, stats)

@@ -16,7 +16,7 @@ and decodes, samples and decodes (stage ``adapter_decode``). Its outcomes are re
 way. Every death of a probe child, model or adapter, is classified by one function,
 :func:`_died`.
 
-Outcomes are cached per file identity (realpath, size, mtime_ns, inode) and probed parameters
+Outcomes are cached per file identity (realpath, size, mtime_ns, inode, ctime_ns) and probed parameters
 (for an adapter: the adapter's identity, the model's realpath and identity, and the parameters),
 in ``cache_dir/probes.json`` or, without a cache directory, in this process only.
 """

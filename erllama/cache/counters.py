@@ -11,7 +11,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "hits_exact", "hits_resume", "hits_longest_prefix", "misses", "hits_ram", "hits_ram_file", "hits_disk",
     "saves_cold", "saves_continued", "saves_finish", "saves_evict", "saves_shutdown",
     "saves_dropped", "saves_failed", "saves_spilled", "room_waits", "duplicate_dropped",
-    "evictions", "demotions", "promotions", "corrupt_files", "restores_failed",
+    "evictions", "demotions", "promotions", "corrupt_files", "foreign_files", "restores_failed",
     "pack_total_ns", "load_total_ns", "loads_crc_skipped", "longest_prefix_probes", "longest_prefix_ns",
     "bytes_ram", "bytes_ram_file", "bytes_disk",
 )

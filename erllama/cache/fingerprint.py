@@ -2,7 +2,7 @@
 
 ``"file"``: SHA-256 of the bytes. ``"gguf_chunked"``: SHA-256 over the SHA-256 of each
 64 MiB chunk, hashed on several threads. Digests are remembered in
-``<cache dir>/fingerprints.json`` per (mode, real path, size, mtime, inode), so a file is
+``<cache dir>/fingerprints.json`` per (mode, real path, size, mtime, inode, ctime), so a file is
 hashed once.
 """
 

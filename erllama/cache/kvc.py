@@ -181,7 +181,7 @@ class FingerprintMode(IntEnum):
 REASONS = frozenset({
     "bad_magic", "unsupported_version", "truncated", "trailing_bytes", "bad_trailer",
     "bad_section", "bad_tlv", "missing_tlv", "bad_header", "header_crc_mismatch",
-    "crc_mismatch", "key_mismatch",
+    "crc_mismatch", "key_mismatch", "not_private",
 })
 """Every :attr:`CorruptRow.reason`."""
 
@@ -199,7 +199,9 @@ class CorruptRow(errors.CacheError):
       is not last, a value inconsistent with another; ``missing_tlv``: a required TLV is
       absent; ``bad_header``: a header field out of range or inconsistent;
     - ``header_crc_mismatch``: the prefix changed since it was written; ``crc_mismatch``:
-      the logits or kv changed; ``key_mismatch``: the TLVs hash to another key.
+      the logits or kv changed; ``key_mismatch``: the TLVs hash to another key;
+    - ``not_private``: the file is a symbolic link, not a regular file, or another user's
+      (:func:`erllama.private.open_private`); its bytes were not read.
 
     ``expected``/``actual`` carry the two sides of a mismatch (CRCs, keys, sizes) when
     there is one; ``path`` names the file when the row was read from one.

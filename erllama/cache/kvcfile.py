@@ -11,7 +11,7 @@ import io
 import os
 from collections.abc import Callable
 
-from erllama import errors
+from erllama import errors, private
 from erllama.cache.kvc import (
     _PAYLOAD_OFFSET_AT,
     _U32,
@@ -28,9 +28,20 @@ from erllama.cache.kvc import (
     parse_header,
 )
 
-__all__ = ["read_header", "read_into", "read_row", "write_hit_count"]
+__all__ = ["open_row", "read_header", "read_into", "read_row", "write_hit_count"]
 
 _HEADER_READ = 64 << 10
+
+
+def open_row(path: str | os.PathLike[str]) -> io.FileIO:
+    """Open a row file for reading, unbuffered: only a regular file of this user's, never
+    through a symbolic link (else :class:`CorruptRow` ``not_private``, nothing read);
+    ``OSError`` such as ``FileNotFoundError`` propagates."""
+    try:
+        fd = private.open_private(path)
+    except errors.NotPrivate as exc:
+        raise CorruptRow("not_private", str(exc)) from None
+    return io.FileIO(fd, "rb", closefd=True)
 
 
 def read_into(f: io.RawIOBase, size: int, buffer: bytearray | None = None, *, chunk: int = 0,
@@ -66,7 +77,7 @@ def read_row(path: str | os.PathLike[str], *, buffer: bytearray | None = None,
     buffer. ``OSError`` (e.g. ``FileNotFoundError``) propagates; a bad file raises
     :class:`CorruptRow` naming the path.
     """
-    with open(path, "rb", buffering=0) as f:
+    with open_row(path) as f:
         view = read_into(f, os.fstat(f.fileno()).st_size, buffer)
     try:
         return parse(view, expected_key=expected_key, key_fn=key_fn)
@@ -79,7 +90,7 @@ def read_row(path: str | os.PathLike[str], *, buffer: bytearray | None = None,
 def read_header(path: str | os.PathLike[str]) -> Parsed:
     """Meta-only parse of the row file at ``path`` (reads only its prefix), checking the
     file size as :func:`parse_header` does. Raises :class:`CorruptRow` or ``OSError``."""
-    with open(path, "rb", buffering=0) as f:
+    with open_row(path) as f:
         size = os.fstat(f.fileno()).st_size
         data = os.pread(f.fileno(), min(size, _HEADER_READ), 0)
         if len(data) >= HEADER_SIZE:
@@ -104,8 +115,8 @@ def write_hit_count(path: str | os.PathLike[str] | int, hits: int) -> bool:
         fd = path
     else:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = private.open_private(path, os.O_WRONLY)
+        except OSError:  # NotPrivate included: never write through a link or into another's file
             return False
     try:
         return os.pwrite(fd, _U32.pack(min(hits, _U32_MAX)), HIT_COUNT_OFFSET) == 4

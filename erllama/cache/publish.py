@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from erllama import errors
+from erllama import errors, private
 
 __all__ = ["STAGES", "PublishError", "fsync_dir", "publish", "row_path", "sweep_tmp", "write_tmp"]
 
@@ -64,7 +64,7 @@ def write_tmp(directory: Path, key: bytes, parts: Sequence[bytes | bytearray | m
     :class:`PublishError` is raised."""
     tmp = directory / f"{key.hex()}{ROW_SUFFIX}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = private.create_private(tmp)
     except OSError as exc:
         raise PublishError(f"cannot create {tmp}: {exc.strerror}", exc.errno) from exc
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import supervision
-from erllama import errors
+from erllama import errors, private
 from erllama.cache import kvc
 from erllama.cache.counters import Counters, counters
 from erllama.cache.index import TIERS, AlreadyPresent, Conflict, Index, Leaving, NoRoom, Row
@@ -61,13 +61,12 @@ class CacheStore:
         self.tiers: dict[str, Any] = {}
         # one pool of read buffers for publish read-backs, restores and moves between files
         self.buffers = BufferPool(keep=2)
-        if config.ram_quota:
-            self.tiers["ram"] = RamTier()
-        if config.ram_file_quota:
-            self.tiers["ram_file"] = FileTier("ram_file", config.resolved_ram_file_dir(), stats,
-                                              buffers=self.buffers, trust_verified=True)
-        if config.disk_quota:
-            self.tiers["disk"] = FileTier("disk", config.resolved_disk_dir(), stats, buffers=self.buffers)
+        self._locks: list[private.DirLock] = []
+        try:
+            self._open_tiers(config, stats)
+        except BaseException:
+            self.release_locks()
+            raise
         quotas = {"ram": config.ram_quota, "ram_file": config.ram_file_quota, "disk": config.disk_quota}
         self._published: dict[str, Index] = {}
         self._name = f"erllama.cache.meta.{next(_store_ids)}"
@@ -80,7 +79,31 @@ class CacheStore:
                                  queue_bytes=config.writer_queue_bytes)
         self._flags = supervision.SupFlags(supervision.Strategy.ONE_FOR_ONE, intensity=5, period=30.0)
         self._specs = [spec, self.writer.child_spec(), poller]
-        self._sup: Any = supervision.start_supervisor(self._flags, self._specs) if supervise else None
+        try:
+            self._sup: Any = supervision.start_supervisor(self._flags, self._specs) if supervise else None
+        except BaseException:
+            self.release_locks()
+            raise
+
+    def _open_tiers(self, config: CacheConfig, stats: Counters) -> None:
+        # each file tier's directory is private and locked before the meta server scans it
+        if config.ram_quota:
+            self.tiers["ram"] = RamTier()
+        if config.ram_file_quota:
+            directory = private.private_dir(config.resolved_ram_file_dir(), "ram_file tier directory")
+            self._locks.append(private.DirLock(directory, "ram_file tier directory"))
+            self.tiers["ram_file"] = FileTier("ram_file", directory, stats, buffers=self.buffers, trust_verified=True)
+        if config.disk_quota:
+            directory = private.private_dir(config.resolved_disk_dir(), "disk tier directory")
+            self._locks.append(private.DirLock(directory, "disk tier directory"))
+            self.tiers["disk"] = FileTier("disk", directory, stats, buffers=self.buffers)
+
+    def release_locks(self) -> None:
+        """Let another application use the tier directories (after the meta server stopped;
+        :meth:`close` does it for a store that supervises itself)."""
+        locks, self._locks = self._locks, []
+        for lock in locks:
+            lock.release()
 
     def child_spec(self, id: str = "cache") -> supervision.ChildSpec:  # noqa: A002
         """The cache supervisor (meta server, writer pool, memory-pressure poller) as a
@@ -107,8 +130,9 @@ class CacheStore:
         self.writer.shutdown(wait=True, timeout=timeout)
         if persist:
             self.persist_ram(timeout)
-        if self._sup is not None:  # else its parent stops it
+        if self._sup is not None:  # else its parent stops it, then releases the locks
             supervision.stop_supervisor(self._sup, timeout)
+            self.release_locks()
 
     def persist_ram(self, timeout: float = 30.0) -> int:
         """Demote every ``ram`` row, most recently used first, to the next slower tier with

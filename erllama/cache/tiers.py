@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from erllama import private
 from erllama.cache import kvc, kvcfile, publish
 from erllama.cache.counters import Counters, counters
 from erllama.cache.key import key_from_parts
@@ -274,7 +275,7 @@ def fine_ctime(directory: Path, trials: int = 3) -> bool:
     # named like a temporary row file, so a leftover is swept at the next start
     probe = directory / f"ctime-probe{publish.ROW_SUFFIX}.{os.getpid()}.{uuid.uuid4().hex[:12]}{publish.TMP_SUFFIX}"
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = private.create_private(probe, os.O_RDWR)
     except OSError:
         return False
     try:
@@ -307,8 +308,7 @@ class FileTier:
     def __init__(self, name: str, directory: str | os.PathLike[str], stats: Counters = counters, *,
                  buffers: BufferPool | None = None, trust_verified: bool = False) -> None:
         self.name = name
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = private.private_dir(directory, f"{name} tier directory")
         self._stats = stats
         self.buffers = buffers if buffers is not None else BufferPool()
         self.trusting = trust_verified and fine_ctime(self.directory)
@@ -324,7 +324,7 @@ class FileTier:
     def _read(self, path: Path, key: bytes, buffer: bytearray | None, late: bool = False,
               on_corrupt: Callable[[], object] | None = None) -> kvc.Row:
         crcs = pipe = None
-        with open(path, "rb", buffering=0) as f:
+        with kvcfile.open_row(path) as f:
             st = os.fstat(f.fileno())
             ident = _identity(st)
             trusted = self.trusting and self._verified.get(key) == ident
@@ -363,11 +363,21 @@ class FileTier:
             self._verified[key] = ident  # these exact bytes passed every check
         return row
 
-    def _corrupt(self, path: Path, key: bytes) -> None:
+    def _corrupt(self, path: Path, key: bytes, reason: str = "") -> None:
         self._verified.pop(key, None)
-        self._stats.add("corrupt_files")
-        path.unlink(missing_ok=True)
-        logger.warning("deleted corrupt cache row %s", path)
+        self._discard(path, reason)
+
+    def _discard(self, path: Path, reason: str, why: object = "") -> None:
+        """Remove a row file that must not be served: corrupt, or not this user's own
+        regular file (``foreign_files``: a planted row is deleted, never read)."""
+        foreign = reason == "not_private"
+        self._stats.add("foreign_files" if foreign else "corrupt_files")
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a directory planted under a row's name
+            logger.warning("cannot remove cache row %s: %s", path, exc)
+        logger.warning("deleted %s cache row %s%s", "refused" if foreign else "corrupt", path,
+                       f": {why}" if why else "")
 
     def _valid(self, path: Path, key: bytes, size: int) -> bool:
         # a pooled buffer: a fresh one per save cost 3-4x the read itself (bench/cache_io.py),
@@ -399,8 +409,8 @@ class FileTier:
         path = self.path(key)
         try:
             return self._read(path, key, buffer, late, on_corrupt)
-        except kvc.CorruptRow:
-            self._corrupt(path, key)
+        except kvc.CorruptRow as exc:
+            self._corrupt(path, key, exc.reason)
             raise
 
     def parts(self, key: bytes) -> RowParts:
@@ -437,7 +447,7 @@ class FileTier:
             return
         with self._lock:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = private.open_private(path, os.O_WRONLY)
             except OSError:
                 return
             try:
@@ -468,9 +478,7 @@ class FileTier:
                 if path.name != publish.row_path(self.directory, key).name:
                     raise kvc.CorruptRow("key_mismatch", f"{path.name} holds the row of {key.hex()}")
             except kvc.CorruptRow as exc:
-                self._stats.add("corrupt_files")
-                path.unlink(missing_ok=True)
-                logger.warning("deleted corrupt cache row %s: %s", path, exc)
+                self._discard(path, exc.reason, exc)
                 continue
             except OSError as exc:
                 logger.warning("cannot read cache row %s: %s", path, exc)
