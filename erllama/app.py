@@ -350,7 +350,7 @@ class Application:
             stream._push(event)
 
         req = Request(prompt if isinstance(prompt, str) else list(prompt), rp, deliver)
-        stream = Stream(req.id, req.cancelled.set, sink)
+        stream = Stream(req.id, req.cancel, sink)
         self.inflight.put(req.id, req)
         try:
             ref.tell(Submit(req))
@@ -361,7 +361,7 @@ class Application:
     def cancel(self, request_id: int) -> None:
         req = self.inflight.get(request_id)
         if req is not None:
-            req.cancelled.set()
+            req.cancel()
 
     # ---- the tree -------------------------------------------------------------------------------
 

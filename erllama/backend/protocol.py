@@ -116,7 +116,8 @@ class Backend(Protocol):
 
     # cancel and lifetime
     def request_abort(self) -> None:
-        """Interrupt the running decode (any thread)."""
+        """Interrupt the running (or the next) :meth:`step` from any thread: it raises
+        ``errors.Aborted`` with every row rolled back."""
         ...
 
     def clear_abort(self) -> None:

@@ -285,6 +285,7 @@ class ModelActor(supervision.Actor):
             seq = self.pool.seq_for(req)
             self.pending.popleft()
             st.sampler, st.seq, st.key_meta = sampler, seq, self.key_meta
+            st.abort = self.backend.request_abort
             st.t_admit = time.perf_counter()
             self.running[seq] = req
             if st.cache_hit == "sticky":
@@ -343,6 +344,11 @@ class ModelActor(supervision.Actor):
             self.backend.step(rows)
         except errors.ModelCrashed:
             raise
+        except errors.Aborted:
+            # a cancel interrupted the decode: every row was rolled back, the cancelled
+            # requests end at the next tick and the others run again
+            self.backend.clear_abort()
+            return
         except errors.ErllamaError as exc:
             for seq, _ in plan:
                 self._fail(self.running[seq], exc)

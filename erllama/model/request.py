@@ -82,6 +82,9 @@ class RequestState:
         self.cold_rest: list[int] | None = None
         self.finish_key: bytes | None = None
         self.last_save_at = 0
+        # the backend's abort, set at admission: a cancel while the prompt is prefilled
+        # interrupts the decode running it (llama.cpp's abort callback) instead of waiting
+        self.abort: Callable[[], None] | None = None
 
     @property
     def seq_id(self) -> int:
@@ -122,6 +125,15 @@ class Request:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Request.{name} is fixed when the request is built; "
                              "the actor's running state is Request.state")
+
+    def cancel(self) -> None:
+        """The caller's cancel (any thread): flag the request; while its prompt is being
+        prefilled, also interrupt the decode running it (within about one ubatch; every
+        sequence of that decode is rolled back and goes on at the next tick)."""
+        self.cancelled.set()
+        abort = self.state.abort
+        if abort is not None and self.state.cursor and not self.state.finished:
+            abort()
 
     def sink(self, event: Any) -> None:
         """Deliver an event; a sink that raises cancels its own request, never the model."""
