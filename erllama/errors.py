@@ -31,6 +31,7 @@ __all__ = [
     "SessionBusy",
     "AdapterNotFound",
     "RequestTimeout",
+    "SlowConsumer",
     "ConfigError",
     "InvalidParameter",
     "NotPrivate",
@@ -141,6 +142,11 @@ class AdapterNotFound(ErllamaError, LookupError):
 
 class RequestTimeout(ErllamaError, TimeoutError):
     """The request did not finish within its ``timeout`` (it was cancelled)."""
+
+
+class SlowConsumer(ErllamaError):
+    """An asyncio consumer fell so far behind its stream that the request was cancelled
+    (``erllama.aio``: ``buffer`` unread tokens); the tokens read before it are valid."""
 
 
 class ConfigError(ErllamaError, ValueError):

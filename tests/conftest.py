@@ -108,6 +108,7 @@ def app_dir(tmp_path_factory):
 # threads that live as long as the process by design, not per application or test:
 # name prefix → why (anything else a test module leaves running fails it)
 PROCESS_WIDE_THREADS = {
+    "erllama-aio": "erllama/aio.py's pool for the short calls (tokenize, embed, load_model), kept for the process",
     "erllama-crc": "erllama/cache/tiers.py's CRC helper pool, created on first use, kept for the process",
 }
 

@@ -99,7 +99,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backend", ("erllama.backend", "erllama.handles", "erllama.includes", "erllama.sysinfo")),
     ("model", ("erllama.model", "erllama.stream")),
     # the application, the facade and the public re-exports (erllama.messages)
-    ("app", ("erllama.app", "erllama.tables", "erllama.messages", "erllama.cli", "erllama.demo",
+    ("app", ("erllama.app", "erllama.aio", "erllama.tables", "erllama.messages", "erllama.cli", "erllama.demo",
              "erllama.default_model", "erllama")),
 )
 # Imports allowed to point up, each with its reason (keep this empty if you can).

@@ -1,9 +1,10 @@
 """The code examples of ``docs/guides/`` run as tests, so the guides cannot drift from the code.
 
 Each guide's ```` ```python ```` blocks run in order, in one namespace (as a reader would run
-them one after the other), in a fresh working directory with ``ERLLAMA_CACHE_DIR`` and the
-default tmpfs tier pointing into a temporary directory, so a run neither reads nor changes
-the user's cache. The default model is linked into that cache, not assembled again.
+them one after the other), in a fresh working directory with ``ERLLAMA_CACHE_DIR``
+pointing into a temporary directory (and with it the default tmpfs tier, whose name
+derives from the cache directory), so a run neither reads nor changes the user's cache.
+The default model is linked into that cache, not assembled again.
 
 A block that cannot run here says so in the guide, on the line right before it:
 ``<!-- not run: <reason> -->``. Such a block is not silently dropped: it is reported as a
@@ -78,12 +79,7 @@ def sandbox(tmp_path, monkeypatch, gemma_path):
     (cache / "models").mkdir(parents=True)
     for src in (gemma_path, gemma_path.with_name(gemma_path.name + ".verified")):
         (cache / "models" / src.name).symlink_to(src)
-    monkeypatch.setenv("ERLLAMA_CACHE_DIR", str(cache))
-    shm = tmp_path / "shm"
-    config_cls = type(erllama.AppConfig(cache_dir=str(cache)).cache_config())
-    real = config_cls.resolved_ram_file_dir
-    monkeypatch.setattr(config_cls, "resolved_ram_file_dir",
-                        lambda self: real(self) if self.ram_file_dir else shm)
+    monkeypatch.setenv("ERLLAMA_CACHE_DIR", str(cache))  # the default ram_file_dir derives from it
     # one decode thread unless the example says otherwise: on a shared machine llama.cpp's
     # threads wait for each other at every step (docs/guides/configuration.md)
     load_model = erllama.load_model
