@@ -365,10 +365,32 @@ def write_build_info(info: dict, gen_dir: Path) -> Path:
     return header
 
 
+GRAMMAR_MEMBER = f"llama_cpp_python-{SDIST_VERSION}/llama_cpp/llama_grammar.py"
+GRAMMAR_VENDORED = Path("erllama") / "_vendor" / "llama_grammar.py"
+
+
+def vendor_grammar(targets: list[Path]) -> None:
+    """Copy llama-cpp-python's JSON-schema-to-GBNF converter (``llama_cpp/llama_grammar.py``,
+    MIT, a port of llama.cpp's ``json_schema_to_grammar.py``) out of the verified pinned sdist
+    into ``erllama/_vendor/`` under each of ``targets`` (the source tree, the build tree). It is
+    never committed; the server's ``response_format`` uses it."""
+    with tarfile.open(fetch_sdist()) as tf:
+        f = tf.extractfile(GRAMMAR_MEMBER)
+        if f is None:
+            raise BuildError(f"{GRAMMAR_MEMBER} is missing from the sdist")
+        text = f.read()
+    for root in targets:
+        dest = root / GRAMMAR_VENDORED
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists() or dest.read_bytes() != text:
+            dest.write_bytes(text)
+
+
 class BuildExt(build_ext):
     """Build llama.cpp first, then compile the Cython module against it."""
 
     def run(self):
+        vendor_grammar([ROOT] + ([] if self.inplace else [Path(self.build_lib)]))
         info = build_llama()
         src = Path(info["src"])
         header = write_build_info(info, Path(self.build_temp) / "erllama-gen")

@@ -108,6 +108,43 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if check is None or check["ok"] else 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    import uvicorn
+
+    from erllama.server import ServerConfig, create_app
+    from erllama.server.config import load_toml, model_arg
+
+    opts = {k: v for k, v in (("n_ctx", args.n_ctx), ("n_seq_max", args.n_seq_max), ("isolation", args.isolation),
+                              ("chat_template", args.chat_template), ("n_threads", args.threads)) if v is not None}
+    if args.config:
+        cfg, (host, port) = load_toml(args.config)
+    else:
+        cfg, (host, port) = ServerConfig(), ("127.0.0.1", 8080)
+    specs = [model_arg(m, opts) for m in [*args.models, *args.model]]
+    if not specs and not cfg.models:
+        from erllama.default_model import default_model_path
+
+        specs = [model_arg(f"{default_model_path()}:gemma", {"chat_template": "gemma", **opts})]
+    changes: dict[str, object] = {"models": (*cfg.models, *specs)}
+    key = args.api_key or os.environ.get("ERLLAMA_API_KEY")
+    if key:
+        changes["api_key"] = key
+    if args.max_queue is not None:
+        changes["max_queue"] = args.max_queue
+    if args.cache_dir:
+        changes["app_config"] = {**cfg.app_config, "cache_dir": args.cache_dir}
+    cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+    host, port = args.host or host, args.port if args.port is not None else port
+    print(f"erllama serving {[s.model_id or s.path for s in cfg.models]} on http://{host}:{port}/v1"
+          f"{' (API key required)' if cfg.api_key else ''}", flush=True)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning" if not args.verbose else "info",
+                timeout_graceful_shutdown=10)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from erllama import demo
 
@@ -158,6 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recheck", action="store_true", help="run the self-check now instead of using its cache")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
     p.set_defaults(func=_cmd_doctor)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, embeddings, "
+                                     "models, health, metrics) on 127.0.0.1 unless told otherwise")
+    p.add_argument("models", nargs="*", help="GGUF files to serve, each PATH or PATH:ID (default: Gemma 3 270M)")
+    p.add_argument("--model", action="append", default=[], help="another PATH[:ID] (repeatable)")
+    p.add_argument("--config", default=None, help="a TOML file: [server], [app], [[models]] (erllama.server.config)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or $ERLLAMA_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests that may wait per model (default 64)")
+    p.add_argument("--n-ctx", type=int, default=None)
+    p.add_argument("--n-seq-max", type=int, default=None, help="requests decoded together per model")
+    p.add_argument("--isolation", default=None, choices=["none", "probe", "process"])
+    p.add_argument("--chat-template", default=None, help="template name used when a GGUF has none")
+    p.add_argument("--threads", type=int, default=None, help="decode threads per model (default: all CPUs)")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("bench", help="cold vs warm time to first token on the default model")
     p.add_argument("--prompt-tokens", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--threads", type=int, default=None)

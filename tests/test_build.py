@@ -92,15 +92,18 @@ def test_errors_import_without_the_extension():
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # leaves: no actor, no compiled module (checksum only tries it), importable anywhere
     ("leaf", ("erllama._version", "erllama.errors", "erllama.types", "erllama.checksum", "erllama.private",
-              "erllama.filestore", "erllama.testing", "erllama.cache.policy",
+              "erllama._vendor", "erllama.filestore", "erllama.testing", "erllama.cache.policy",
               "erllama.cache.pressure_rules", "erllama.config")),
     ("cache", ("erllama.cache",)),
     # the native binding and what describes it (sysinfo reports the build for the self-check)
     ("backend", ("erllama.backend", "erllama.handles", "erllama.includes", "erllama.sysinfo")),
     ("model", ("erllama.model", "erllama.stream")),
     # the application, the facade and the public re-exports (erllama.messages)
-    ("app", ("erllama.app", "erllama.aio", "erllama.tables", "erllama.messages", "erllama.cli", "erllama.demo",
-             "erllama.default_model", "erllama")),
+    ("app", ("erllama.app", "erllama.aio", "erllama.tables", "erllama.messages", "erllama.default_model", "erllama")),
+    # the HTTP server, over the facade
+    ("server", ("erllama.server",)),
+    # the command line and the demo, over everything
+    ("entry", ("erllama.cli", "erllama.demo")),
 )
 # Imports allowed to point up, each with its reason (keep this empty if you can).
 LAZY_UPWARD: dict[tuple[str, str], str] = {}
