@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from erllama import cache, errors
 from erllama._version import __version__
-from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token
+from erllama.types import CacheDelta, Completion, Done, Prefill, Stats, Token, TokenLogprobs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,7 +28,8 @@ Prompt = str | Sequence[int]
 """A prompt: text, or token ids."""
 
 __all__ = [
-    "AppConfig", "CacheDelta", "Completion", "Done", "ModelConfig", "Prefill", "Stats", "Token", "__version__",
+    "AppConfig", "CacheDelta", "Completion", "Done", "ModelConfig", "Prefill", "Stats", "Token", "TokenLogprobs",
+    "__version__",
     "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict",
     "health", "infer",
     "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",

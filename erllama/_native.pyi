@@ -134,6 +134,7 @@ class Sampler:
     params: dict[str, Any]
     def __init__(self, model: Model, *, grammar: str | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                  penalty_last_n: int = 64, seed: int | None = None, grammar_root: str = "root") -> None: ...
     def free(self) -> None: ...
     @property

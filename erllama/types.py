@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["TIERS", "CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token"]
+__all__ = ["TIERS", "CacheDelta", "Completion", "Done", "Prefill", "Stats", "Token", "TokenLogprobs"]
 
 TIERS: tuple[str, ...] = ("ram", "ram_file", "disk")
 """The cache tiers, fastest first: a row evicted from a tier is demoted to the next one with room."""
@@ -50,12 +50,25 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model (its raw distribution, before
+    penalties, grammar or temperature), its bytes, and the ``top`` most likely tokens as
+    ``(bytes, logprob)``, most likely first (asked with the ``logprobs`` parameter)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Token:
     """A streamed piece of text and the token id it came from (text may be empty while a
-    multi-byte character or a possible stop sequence is held back)."""
+    multi-byte character or a possible stop sequence is held back); ``logprobs`` when the
+    request asked for them."""
 
     text: str
     id: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)

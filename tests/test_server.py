@@ -175,3 +175,57 @@ def test_a_disconnect_during_a_4k_prefill_cancels_it_within_half_a_second(url):
     took = time.monotonic() - t0
     assert req.cancelled.is_set() and not req.state.generated
     assert took < 0.5, f"the disconnect took {took:.2f} s to cancel the prefill"
+
+
+def test_logprobs_streamed_and_not(client):
+    got = chat(client, "Name three colours.", logprobs=True, top_logprobs=3)
+    entries = got.choices[0].logprobs.content
+    assert len(entries) == got.usage.completion_tokens
+    assert "".join(e.token for e in entries) == got.choices[0].message.content
+    for e in entries:  # greedy: the chosen token is the most likely one of the raw distribution
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(v <= 0 for v in tops)
+        assert e.top_logprobs[0].token == e.token and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-9
+        assert sum(np.exp(tops)) <= 1 + 1e-9
+    chunks = list(chat(client, "Name three colours.", logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 6)) for e in streamed] == [(e.token, round(e.logprob, 6)) for e in entries]
+    comp = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=6,
+                                     temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text and len(lp.token_logprobs) == 6
+    assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert chat(client, "Name three colours.").choices[0].logprobs is None  # not asked, not sent
+
+
+def test_frequency_and_presence_penalties_change_a_repetitive_answer(client):
+    plain = chat(client, "Repeat the word apple twenty times.", max_tokens=24).choices[0].message.content
+    for name in ("frequency_penalty", "presence_penalty"):
+        pen = chat(client, "Repeat the word apple twenty times.", max_tokens=24, **{name: 2.0})
+        assert pen.choices[0].message.content != plain, name  # ignored penalties would change nothing
+
+
+def test_a_cache_namespace_keeps_rows_and_sessions_apart(client):
+    msgs = [{"role": "user", "content": "Tell me about the library and its opening hours. " * 8}]
+
+    def ask(ns, messages=msgs, **ext):
+        return client.chat.completions.create(model="gemma", messages=messages, max_tokens=4, temperature=0,
+                                              extra_body={"erllama": {"namespace": ns, **ext}})
+
+    assert ask("tenant-a").model_extra["erllama"]["cache_hit"] == "cold"
+    assert erllama.cache.current().flush(30)
+    other = ask("tenant-b")
+    assert other.model_extra["erllama"]["cache_hit"] == "cold" and other.usage.prompt_tokens_details.cached_tokens == 0
+    again = ask("tenant-a")
+    assert again.model_extra["erllama"]["cache_hit"] == "exact" and again.usage.prompt_tokens_details.cached_tokens
+    # a sticky session's live KV is only reused by a request of its own namespace
+    first = ask("tenant-c", session_id="s1")
+    longer = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And on Sundays?"}]
+    assert ask("tenant-d", longer, session_id="s1").model_extra["erllama"]["cache_hit"] != "sticky"
+    first = ask("tenant-c", session_id="s2")
+    longer = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And on Sundays?"}]
+    assert ask("tenant-c", longer, session_id="s2").model_extra["erllama"]["cache_hit"] == "sticky"
+    with pytest.raises(openai.BadRequestError):
+        ask("")

@@ -16,6 +16,7 @@ import erllama
 from erllama import app as app_mod
 from erllama.server import ServerConfig
 
+from fault_helpers import crash_model
 from server_helpers import serving
 from supervision_helpers import wait_until
 from test_server import chat, gemma_spec
@@ -70,7 +71,7 @@ def test_errors_in_the_openai_shape_and_the_server_keeps_serving(small):
     good = openai.OpenAI(base_url=small + "/v1", api_key="sekrit", max_retries=0, timeout=60)
     with pytest.raises(openai.NotFoundError):
         chat(good, "x", model="nope")
-    for bad in ({"temperature": 5}, {"n": 2}, {"logprobs": True}, {"max_tokens": 0}):
+    for bad in ({"temperature": 5}, {"n": 2}, {"top_logprobs": 3}, {"max_tokens": 0}, {"frequency_penalty": 3}):
         with pytest.raises(openai.BadRequestError) as info:
             chat(good, "x", **bad)
         assert info.value.body["param"] == next(iter(bad))
@@ -141,3 +142,23 @@ def test_metrics_match_a_known_sequence_and_the_cache_counters(small):
         assert after[("erllama_cache_lookups_total", (("result", result),))] == c[counter]
     assert after[("erllama_cache_saves_total", (("reason", "finish"),))] == c["saves_finish"]
     assert after[("erllama_models_loaded", ())] == 1
+
+
+def test_a_crash_mid_stream_is_an_error_event_and_the_model_comes_back(small, monkeypatch):
+    auth = {"Authorization": "Bearer sekrit"}
+    with httpx.Client(timeout=60) as http:
+        resp = long_stream(http, small)
+        lines = resp.iter_lines()
+        for line in lines:  # the role chunk, then the first token
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        crash_model(monkeypatch, "gemma")
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][6:])["error"]
+    assert err["code"] == "model_restarting" and err["type"] == "unavailable_error"
+    wait_until(lambda: httpx.get(small + "/health").status_code == 200, 60, "the model to come back")
+    client = openai.OpenAI(base_url=small + "/v1", api_key="sekrit", max_retries=0, timeout=60)
+    assert chat(client, "Say hi.", max_tokens=4).usage.completion_tokens >= 1
+    metrics = httpx.get(small + "/metrics", headers=auth).text
+    assert 'erllama_requests_finished_total{model="gemma",reason="error"} 1.0' in metrics

@@ -24,8 +24,8 @@ _MAGIC = b"STUB"
 
 class _Sampler:
     def __init__(self, params: dict[str, Any]) -> None:
-        unknown = set(params) - {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
-                                 "grammar"}
+        unknown = set(params) - {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                                 "presence_penalty", "seed", "grammar"}
         if unknown:
             raise errors.InvalidParameter(f"unknown sampler parameters {sorted(unknown)}")
         if params.get("grammar"):

@@ -32,6 +32,7 @@ cdef class Sampler:
 
     def __init__(self, Model model, *, grammar=None, double temperature=0.0, int top_k=0,
                  double top_p=1.0, double min_p=0.0, double repetition_penalty=1.0,
+                 double frequency_penalty=0.0, double presence_penalty=0.0,
                  int penalty_last_n=64, seed=None, str grammar_root="root"):
         cdef L.llama_sampler * chain
         cdef L.llama_sampler * s
@@ -41,6 +42,8 @@ cdef class Sampler:
         _check_float(top_p, "top_p", 1e-9, 1.0)
         _check_float(min_p, "min_p", 0.0, 1.0)
         _check_float(repetition_penalty, "repetition_penalty", 1e-6, 1e6)
+        _check_float(frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        _check_float(presence_penalty, "presence_penalty", -2.0, 2.0)
         _check_int(top_k, "top_k", 0, 1 << 30)
         _check_int(penalty_last_n, "penalty_last_n", -1, 1 << 30)
         if seed is None:
@@ -69,9 +72,9 @@ cdef class Sampler:
                     raise errors.GrammarError(
                         f"grammar does not parse: {lines[-1] if lines else 'no detail'} (grammar {grammar!r:.120})")
                 L.llama_sampler_chain_add(chain, s)
-            if repetition_penalty != 1.0:
+            if repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
-                    model.n_vocab, penalty_last_n, repetition_penalty, 0.0, 0.0))
+                    model.n_vocab, penalty_last_n, repetition_penalty, frequency_penalty, presence_penalty))
             if top_k > 0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
             if top_p < 1.0:
@@ -90,8 +93,8 @@ cdef class Sampler:
             raise
         self.params = {
             "grammar": grammar, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "min_p": min_p, "repetition_penalty": repetition_penalty,
-            "penalty_last_n": penalty_last_n, "seed": seed,
+            "min_p": min_p, "repetition_penalty": repetition_penalty, "frequency_penalty": frequency_penalty,
+            "presence_penalty": presence_penalty, "penalty_last_n": penalty_last_n, "seed": seed,
         }
 
     cdef void _release(self):

@@ -34,9 +34,10 @@ from erllama.cache.key import KeyMeta, group_of
 from erllama.cache.policy import SavePolicy
 from erllama.model import messages as msg
 from erllama.model.adapters import AdapterSet
+from erllama.model.logprobs import token_logprobs
 from erllama.model.messages import Submit
 from erllama.model.pool import SeqPool
-from erllama.model.request import Request
+from erllama.model.request import Request, request_key_meta
 from erllama.model.saves import Saves
 from erllama.model.scheduler import SeqWork, plan_tick
 from erllama.types import Done, Token
@@ -185,7 +186,7 @@ class ModelActor(supervision.Actor):
         if self.saves is None:
             return 0
         live = [(r.state.seq_id, r.state.context, r.state.key_meta) for r in self.running.values()]
-        live += [(s.seq, s.tokens, self.key_meta) for s in self.pool.sessions.values()]
+        live += [(s.seq, s.tokens, request_key_meta(self.key_meta, s.namespace)) for s in self.pool.sessions.values()]
         return self.saves.save_live(live, reason, timeout)
 
     def on_failure(self, *exc_info: Any) -> None:
@@ -284,7 +285,7 @@ class ModelActor(supervision.Actor):
                 continue
             seq = self.pool.seq_for(req)
             self.pending.popleft()
-            st.sampler, st.seq, st.key_meta = sampler, seq, self.key_meta
+            st.sampler, st.seq, st.key_meta = sampler, seq, request_key_meta(self.key_meta, req.params.namespace)
             st.abort = self.backend.request_abort
             st.t_admit = time.perf_counter()
             self.running[seq] = req
@@ -404,7 +405,8 @@ class ModelActor(supervision.Actor):
         st.generated.append(tok)
         text = st.text.feed(self.backend.token_piece(tok))
         st.parts.append(text)
-        req.sink(Token(text, tok))
+        lp = None if req.params.logprobs is None else token_logprobs(self.backend, req, tok, logits)
+        req.sink(Token(text, tok, lp))
         if st.text.matched is not None:
             self._finish(req, "stop")
         elif len(st.generated) >= req.params.max_tokens or len(st.context) >= self.backend.n_ctx_seq:

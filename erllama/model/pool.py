@@ -24,11 +24,13 @@ __all__ = ["SeqPool", "Session"]
 
 @dataclass
 class Session:
-    """An idle session's pinned sequence and the tokens in its KV."""
+    """An idle session's pinned sequence, the tokens in its KV, and the cache namespace of
+    the request that left them (only a request of the same namespace reuses them)."""
 
     seq: int
     tokens: list[int]
     last_used: float
+    namespace: bytes | None = None
 
 
 class SeqPool:
@@ -83,7 +85,7 @@ class SeqPool:
         sid = req.params.session_id
         if sid is not None and (sess := self.sessions.get(sid)) is not None:
             n = len(sess.tokens)
-            if 0 < n < len(st.prompt) and st.prompt[:n] == sess.tokens:
+            if 0 < n < len(st.prompt) and st.prompt[:n] == sess.tokens and sess.namespace == req.params.namespace:
                 del self.sessions[sid]
                 st.context = list(sess.tokens)
                 st.cursor = list(st.prompt[n:])
@@ -99,7 +101,7 @@ class SeqPool:
         st = req.state
         sid = req.params.session_id
         if keep_session and sid is not None and sid not in self.ending_sessions and st.context:
-            self.sessions[sid] = Session(st.seq_id, list(st.context), time.monotonic())
+            self.sessions[sid] = Session(st.seq_id, list(st.context), time.monotonic(), req.params.namespace)
         else:
             heapq.heappush(self.free_seqs, st.seq_id)
             self.backend.seq_clear(st.seq_id)

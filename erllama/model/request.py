@@ -3,6 +3,7 @@ the actor changes as it serves it (``Request.state``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -19,7 +20,8 @@ __all__ = ["Request", "RequestParams", "RequestState"]
 
 _ids = itertools.count(1)
 logger = logging.getLogger("erllama.model")
-SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "grammar")
+SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                "presence_penalty", "seed", "grammar")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class RequestParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     grammar: str | None = None
     stop: tuple[str, ...] = ()
@@ -39,6 +43,8 @@ class RequestParams:
     session_id: str | None = None
     timeout: float | None = None
     prefill_only: bool = False
+    logprobs: int | None = None
+    namespace: bytes | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -48,6 +54,12 @@ class RequestParams:
             raise errors.InvalidParameter(f"parent_key must be a 32-byte finish_key, got {self.parent_key!r}")
         if self.session_id is not None and (not isinstance(self.session_id, str) or not self.session_id):
             raise errors.InvalidParameter(f"session_id must be a non-empty str, got {self.session_id!r}")
+        if self.namespace is not None and (not isinstance(self.namespace, bytes) or not 0 < len(self.namespace) <= 256):
+            raise errors.InvalidParameter(f"namespace must be 1 to 256 bytes or None, got {self.namespace!r:.80}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise errors.InvalidParameter(f"logprobs must be None or an int in [0, 20] (top alternatives), "
+                                          f"got {self.logprobs!r}")
         if self.timeout is not None and (not isinstance(self.timeout, int | float) or self.timeout <= 0):
             raise errors.InvalidParameter(f"timeout must be seconds > 0 or None, got {self.timeout!r}")
 
@@ -55,6 +67,16 @@ class RequestParams:
         """The sampler chain's parameters (validated by the backend)."""
         out = {k: getattr(self, k) for k in SAMPLER_KEYS}
         return {k: v for k, v in out.items() if v is not None}
+
+
+def request_key_meta(base: Any, namespace: bytes | None) -> Any:
+    """The cache key metadata of a request: the model's, or with the request's
+    ``namespace`` folded into the model's own (length-prefixed, so no two different pairs
+    give the same salt): rows saved under one namespace never match another's."""
+    if base is None or namespace is None:
+        return base
+    own = base.namespace or b""
+    return dataclasses.replace(base, namespace=b"req\0" + len(own).to_bytes(4, "little") + own + namespace)
 
 
 class RequestState:

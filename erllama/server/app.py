@@ -31,7 +31,7 @@ from erllama.server import openai_api as oa
 from erllama.server.errors import APIError, bad, from_erllama, unavailable
 from erllama.server.grammar import grammar_for
 from erllama.server.metrics import Metrics
-from erllama.types import Completion, Token
+from erllama.types import Completion, Done, Token, TokenLogprobs
 
 __all__ = ["ModelSpec", "ServerConfig", "create_app"]
 
@@ -269,9 +269,19 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
             params["grammar"] = grammar
         return prompt, params
 
-    async def run_to_end(req: Request, mid: str, prompt: list[int], params: dict[str, Any]) -> Completion:
+    async def drain(stream: aio.AsyncStream) -> tuple[Completion, list[TokenLogprobs]]:
+        lps: list[TokenLogprobs] = []
+        async for ev in stream:
+            if isinstance(ev, Done):
+                return ev.completion, lps
+            if ev.logprobs is not None:
+                lps.append(ev.logprobs)
+        raise errors.Released("the stream ended without its Done")
+
+    async def run_to_end(req: Request, mid: str, prompt: list[int],
+                         params: dict[str, Any]) -> tuple[Completion, list[TokenLogprobs]]:
         stream = aio.infer(mid, prompt, **params)
-        task = asyncio.ensure_future(stream.result())
+        task = asyncio.ensure_future(drain(stream))
         gone = asyncio.ensure_future(_until_disconnect(req.receive))
         try:
             await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -282,12 +292,12 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
             task.cancel()
             server.metrics.finished(mid, "disconnected")
             raise APIError(499, "the client closed the connection", code="client_closed")
-        done = task.result()
+        done, lps = task.result()
         server.metrics.completed(mid, done)
-        return done
+        return done, lps
 
     def streamed(mid: str, stream: aio.AsyncStream, gone: asyncio.Future[None], chat: bool,
-                 include_usage: bool, rid: str) -> StreamingResponse:
+                 include_usage: bool, rid: str, logprobs: bool) -> StreamingResponse:
         """The SSE answer, sent at once (a failure after this is an error event): a role
         chunk (chat), a chunk per token, a last chunk with the finish reason and the
         ``erllama`` extension, the usage chunk when asked, ``data: [DONE]``."""
@@ -298,11 +308,17 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
             try:
                 if chat:
                     yield _sse(oa.chat_chunk(rid, mid, created, {"role": "assistant", "content": ""}))
+                lps: list[TokenLogprobs] = []  # of tokens whose text is held back, sent with the next text
+                offset = 0
                 async for ev in stream:
                     if isinstance(ev, Token):
+                        if ev.logprobs is not None:
+                            lps.append(ev.logprobs)
                         if ev.text:
-                            yield _sse(oa.chat_chunk(rid, mid, created, {"content": ev.text}) if chat
-                                       else oa.completion_chunk(rid, mid, created, ev.text))
+                            yield _sse(oa.chat_chunk(rid, mid, created, {"content": ev.text}, lps=lps) if chat
+                                       else oa.completion_chunk(rid, mid, created, ev.text, lps=lps, offset=offset))
+                            offset += len(ev.text)
+                            lps = []
                         continue
                     done = ev.completion
                     if gone.done() and not gone.cancelled():
@@ -310,8 +326,8 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
                         return
                     server.metrics.completed(mid, done)
                     fin = oa.finish_reason(done)
-                    yield _sse(oa.chat_chunk(rid, mid, created, {}, fin, done) if chat
-                               else oa.completion_chunk(rid, mid, created, "", fin, done))
+                    yield _sse(oa.chat_chunk(rid, mid, created, {}, fin, done, lps=lps) if chat
+                               else oa.completion_chunk(rid, mid, created, "", fin, done, lps=lps, offset=offset))
                     if include_usage:
                         yield _sse(oa.usage_chunk(rid, mid, created, obj, done))
             except asyncio.CancelledError:  # the server cancelled the body: the client is gone
@@ -334,10 +350,12 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid_hex()}"
         if not gen.stream:
             try:
-                done = await run_to_end(req, mid, prompt, params)
+                done, lps = await run_to_end(req, mid, prompt, params)
             finally:
                 server.leave(mid)
-            return JSONResponse(oa.chat_response(rid, mid, done) if chat else oa.completion_response(rid, mid, done))
+            asked = lps if "logprobs" in params else None
+            return JSONResponse(oa.chat_response(rid, mid, done, asked) if chat
+                                else oa.completion_response(rid, mid, done, asked))
         try:
             stream = aio.infer(mid, prompt, **params)
         except BaseException:
@@ -346,7 +364,7 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
         # a disconnect cancels the request even while nothing is written (a long prefill)
         gone = asyncio.ensure_future(_until_disconnect(req.receive))
         gone.add_done_callback(lambda f: None if f.cancelled() else stream.cancel())
-        return streamed(mid, stream, gone, chat, gen.include_usage, rid)
+        return streamed(mid, stream, gone, chat, gen.include_usage, rid, "logprobs" in params)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(req: Request) -> Response:

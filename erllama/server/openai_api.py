@@ -3,8 +3,8 @@ into responses and stream chunks. Pure functions of their arguments (no I/O), so
 here is tested without a server.
 
 A bad field is an :class:`APIError` 400 naming it (``param``). Unknown fields are ignored,
-as OpenAI-compatible servers do; fields this server cannot honour (``n`` > 1, ``logprobs``,
-``tools``, non-zero frequency or presence penalties) are refused rather than ignored.
+as OpenAI-compatible servers do; fields this server cannot honour (``n`` > 1, ``tools``,
+``echo``) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erllama.server.errors import bad
-from erllama.types import Completion
+from erllama.types import Completion, TokenLogprobs
 
 __all__ = ["Generation", "chat_chunk", "chat_response", "completion_chunk", "completion_response",
            "embedding_inputs", "parse_chat", "parse_completion", "usage", "usage_chunk"]
@@ -75,13 +75,8 @@ def _common(body: Any, kind: str) -> Generation:
     n = body.get("n")
     if n is not None and n != 1:
         raise bad(f"n must be 1 (this server returns one choice per request), got {n!r}", "n")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise bad("logprobs are not supported by this server yet", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools are not supported by this server", "tools")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, -2.0, 2.0):
-            raise bad(f"{name} is not supported by this server yet (use repetition_penalty)", name)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad(f"stream must be a boolean, got {stream!r}", "stream")
@@ -99,7 +94,9 @@ def _common(body: Any, kind: str) -> Generation:
     params: dict[str, Any] = {"temperature": 1.0}  # OpenAI's default; 0 is greedy
     for name, key, lo, hi in (("temperature", "temperature", 0.0, 2.0), ("top_p", "top_p", 0.0, 1.0),
                               ("min_p", "min_p", 0.0, 1.0), ("repetition_penalty", "repetition_penalty", 0.0, 10.0),
-                              ("repeat_penalty", "repetition_penalty", 0.0, 10.0)):
+                              ("repeat_penalty", "repetition_penalty", 0.0, 10.0),
+                              ("frequency_penalty", "frequency_penalty", -2.0, 2.0),
+                              ("presence_penalty", "presence_penalty", -2.0, 2.0)):
         v = _number(body, name, lo, hi)
         if v is not None:
             params[key] = v
@@ -118,10 +115,15 @@ def _common(body: Any, kind: str) -> Generation:
     if ext is not None:
         if not isinstance(ext, dict):
             raise bad(f"erllama must be an object of erllama options, got {ext!r:.80}", "erllama")
-        unknown = sorted(set(ext) - {"session_id"})
+        unknown = sorted(set(ext) - {"session_id", "namespace"})
         if unknown:
-            raise bad(f"unknown erllama options {unknown}; known: ['session_id'] (a cache namespace is a model "
-                      f"option: ModelConfig.namespace)", "erllama")
+            raise bad(f"unknown erllama options {unknown}; known: ['namespace', 'session_id']", "erllama")
+        ns = ext.get("namespace")
+        if ns is not None:
+            if not isinstance(ns, str) or not 0 < len(ns.encode()) <= 256:
+                raise bad(f"erllama.namespace must be a string of 1 to 256 bytes, got {ns!r:.80}",
+                          "erllama.namespace")
+            params["namespace"] = ns.encode()
         sid = ext.get("session_id")
         if sid is not None:
             if not isinstance(sid, str) or not sid:
@@ -172,6 +174,15 @@ def parse_chat(body: Any) -> Generation:
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _content(i, m.get("content", ""))})
     gen.messages = out
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if lp not in (None, False, True):
+        raise bad(f"logprobs must be a boolean, got {lp!r}", "logprobs")
+    if top is not None:
+        _int(body, "top_logprobs", 0, 20)
+        if not lp:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    if lp:
+        gen.params["logprobs"] = top or 0
     return gen
 
 
@@ -188,6 +199,9 @@ def parse_completion(body: Any) -> Generation:
     else:
         raise bad("prompt must be a non-empty string or list of token ids (one prompt per request), "
                   f"got {prompt!r:.80}", "prompt")
+    lp = _int(body, "logprobs", 0, 20)
+    if lp is not None:
+        gen.params["logprobs"] = lp
     if body.get("echo") or body.get("suffix") or (body.get("best_of") not in (None, 1)):
         raise bad("echo, suffix and best_of are not supported by this server", "echo")
     return gen
@@ -217,6 +231,28 @@ def embedding_inputs(body: Any) -> tuple[str | None, list[str | list[int]], str]
     return model, items, encoding
 
 
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def chat_logprobs(lps: list[TokenLogprobs]) -> dict[str, Any]:
+    """Chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    return {"content": [{"token": _text(lp.token), "logprob": lp.logprob, "bytes": list(lp.token),
+                         "top_logprobs": [{"token": _text(t), "logprob": v, "bytes": list(t)} for t, v in lp.top]}
+                        for lp in lps]}
+
+
+def completion_logprobs(lps: list[TokenLogprobs], offset: int = 0) -> dict[str, Any]:
+    """Completion ``logprobs``: tokens, their log-probabilities, the top alternatives and
+    each token's offset in the text (from ``offset``)."""
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(_text(lp.token))
+    return {"tokens": [_text(lp.token) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
 def usage(done: Completion) -> dict[str, Any]:
     """OpenAI ``usage`` with ``prompt_tokens_details.cached_tokens`` (restored from the cache)."""
     p, c = done.stats.prompt_tokens, done.stats.completion_tokens
@@ -237,37 +273,43 @@ def finish_reason(done: Completion) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def chat_response(rid: str, model: str, done: Completion) -> dict[str, Any]:
+def chat_response(rid: str, model: str, done: Completion, lps: list[TokenLogprobs] | None = None) -> dict[str, Any]:
     """A ``chat.completion`` object."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": finish_reason(done), "logprobs": None}],
+                         "finish_reason": finish_reason(done),
+                         "logprobs": chat_logprobs(lps) if lps is not None else None}],
             "usage": usage(done), "erllama": erllama_info(done)}
 
 
-def completion_response(rid: str, model: str, done: Completion) -> dict[str, Any]:
+def completion_response(rid: str, model: str, done: Completion,
+                        lps: list[TokenLogprobs] | None = None) -> dict[str, Any]:
     """A ``text_completion`` object."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": done.text, "finish_reason": finish_reason(done), "logprobs": None}],
+            "choices": [{"index": 0, "text": done.text, "finish_reason": finish_reason(done),
+                         "logprobs": completion_logprobs(lps) if lps is not None else None}],
             "usage": usage(done), "erllama": erllama_info(done)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
-               done: Completion | None = None) -> dict[str, Any]:
+               done: Completion | None = None, lps: list[TokenLogprobs] | None = None) -> dict[str, Any]:
     """One ``chat.completion.chunk``; the last one carries ``finish_reason`` and the
     ``erllama`` extension."""
     out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                        "logprobs": chat_logprobs(lps) if lps else None}]}
     if done is not None:
         out["erllama"] = erllama_info(done)
     return out
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
-                     done: Completion | None = None) -> dict[str, Any]:
+                     done: Completion | None = None, lps: list[TokenLogprobs] | None = None,
+                     offset: int = 0) -> dict[str, Any]:
     """One streamed ``text_completion`` chunk."""
     out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                           "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                        "logprobs": completion_logprobs(lps, offset) if lps else None}]}
     if done is not None:
         out["erllama"] = erllama_info(done)
     return out
