@@ -101,7 +101,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the application, the facade and the public re-exports (erllama.messages)
     ("app", ("erllama.app", "erllama.aio", "erllama.tables", "erllama.messages", "erllama.default_model", "erllama")),
     # the HTTP server, over the facade
-    ("server", ("erllama.server",)),
+    ("server", ("erllama.server", "erllama.ray")),
     # the command line and the demo, over everything
     ("entry", ("erllama.cli", "erllama.demo")),
 )
