@@ -27,7 +27,7 @@ def small(tmp_path_factory, gemma_path):
     """One sequence, a queue of one: for the queue, disconnect and metrics tests."""
     d = tmp_path_factory.mktemp("small")
     cfg = ServerConfig(models=(gemma_spec(gemma_path, n_ctx=2048, n_seq_max=1, n_batch=512),),
-                       max_queue=1, api_key="sekrit", max_body_bytes=64 * 1024,
+                       max_queue=1, api_key="sekrit", max_body_bytes=64 * 1024, sse_ping_s=0.2,
                        app_config={"cache_dir": str(d / "c"), "ram_file_dir": str(d / "shm"),
                                    "policy": {"min_tokens": 16, "cold_min_tokens": 16}})
     with serving(cfg) as base:
@@ -162,3 +162,20 @@ def test_a_crash_mid_stream_is_an_error_event_and_the_model_comes_back(small, mo
     assert chat(client, "Say hi.", max_tokens=4).usage.completion_tokens >= 1
     metrics = httpx.get(small + "/metrics", headers=auth).text
     assert 'erllama_requests_finished_total{model="gemma",reason="error"} 1.0' in metrics
+
+
+def test_a_long_prefill_is_kept_alive_with_sse_comments(small):
+    """Nothing to send for seconds (a ~1.8k-token prompt): the stream carries ': ping'
+    comments (that SSE clients ignore) until its first token, then ends normally."""
+    prompt = erllama.tokenize("gemma", "Meeting notes: the library opens at nine. " * 200)[:1800]
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", small + "/v1/completions", headers={"Authorization": "Bearer sekrit"},
+            json={"model": "gemma", "prompt": prompt, "max_tokens": 4, "stream": True, "temperature": 0}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: {"))
+    assert first_data >= 2 and all(line == ": ping" for line in lines[:first_data]), lines[:first_data + 1]
+    assert lines[-1] == "data: [DONE]"
+    client = openai.OpenAI(base_url=small + "/v1", api_key="sekrit", max_retries=0, timeout=60)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="gemma", prompt=prompt, max_tokens=4, temperature=0, stream=True))
+    assert text  # the openai client reads through the comments

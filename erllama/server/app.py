@@ -58,14 +58,16 @@ class ServerConfig:
     ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
     ``max_queue``: requests that may wait for a sequence per model before new ones get 503.
     ``max_body_bytes``: larger request bodies get 413. ``retry_after_s``: the ``Retry-After``
-    of a 503. ``app_config``: ``erllama.start`` options when the server starts the
-    application itself."""
+    of a 503. ``sse_ping_s``: a stream that has sent nothing for this long (a long prefill)
+    gets an SSE comment, ``: ping``, so that proxies do not close it as idle.
+    ``app_config``: ``erllama.start`` options when the server starts the application itself."""
 
     models: tuple[ModelSpec, ...] = ()
     api_key: str | None = None
     max_queue: int = 64
     max_body_bytes: int = 8 * MiB
     retry_after_s: float = 1.0
+    sse_ping_s: float = 15.0
     app_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +76,9 @@ class ServerConfig:
         if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) \
                 or self.max_body_bytes < 1024:
             raise errors.ConfigError(f"max_body_bytes must be an int >= 1024, got {self.max_body_bytes!r}")
+        if isinstance(self.sse_ping_s, bool) or not isinstance(self.sse_ping_s, int | float) \
+                or not 0 < self.sse_ping_s <= 3600:
+            raise errors.ConfigError(f"sse_ping_s must be seconds in (0, 3600], got {self.sse_ping_s!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise errors.ConfigError("api_key must be a non-empty string or None")
 
@@ -176,6 +181,29 @@ def _stem(path: str) -> str:
 
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def _pinging(stream: aio.AsyncStream, every: float) -> AsyncIterator[Token | Done | None]:
+    """The stream's events, and ``None`` whenever ``every`` seconds pass without one (the
+    pending read is kept, never cancelled: cancelling it would cancel the request)."""
+    nxt: asyncio.Future[Token | Done] | None = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=every)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield ev
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
 
 
 async def _until_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
@@ -310,7 +338,10 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
                     yield _sse(oa.chat_chunk(rid, mid, created, {"role": "assistant", "content": ""}))
                 lps: list[TokenLogprobs] = []  # of tokens whose text is held back, sent with the next text
                 offset = 0
-                async for ev in stream:
+                async for ev in _pinging(stream, cfg.sse_ping_s):
+                    if ev is None:
+                        yield b": ping\n\n"
+                        continue
                     if isinstance(ev, Token):
                         if ev.logprobs is not None:
                             lps.append(ev.logprobs)
