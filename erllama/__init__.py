@@ -33,7 +33,8 @@ __all__ = [
     "apply_chat_template", "cache", "cancel", "complete", "detokenize", "embed", "end_session", "errors", "evict",
     "health", "infer",
     "last_cache_hit", "list_adapters", "list_models", "load_adapter", "load_model", "model_info", "pending_len",
-    "phase", "prefill_only", "queue_depth", "running", "set_adapter_scale", "shutdown", "start", "status", "stop",
+    "phase", "prefill_only", "prompt_keys", "queue_depth", "running", "set_adapter_scale", "shutdown", "start",
+    "status", "stop",
     "system_info", "tokenize", "tree", "unload", "unload_adapter", "whereis",
 ]
 
@@ -208,6 +209,17 @@ def prefill_only(model_id: str, prompt: Prompt, *, parent_key: bytes | None = No
     done = _app().submit(model_id, prompt, {"prefill_only": True, "parent_key": parent_key,
                                             "session_id": session_id}, None).result()
     return Prefill(done.context_tokens, done.finish_key, done.cache_hit, done.cache_delta)
+
+
+def prompt_keys(model_id: str, tokens: Sequence[int], lengths: Sequence[int], *,
+                namespace: bytes | None = None) -> dict[int, bytes]:
+    """The cache keys of ``tokens[:n]`` for each ``n`` of ``lengths`` within ``tokens``,
+    under the model's current key (and a request ``namespace``): ``{n: key}``. With
+    ``erllama.cache.rows_of`` of each replica, what prefix-aware routing scores
+    (``erllama.ray.routing``)."""
+    from erllama.messages import PromptKeys
+
+    return _ask(model_id, PromptKeys(list(tokens), list(lengths), namespace), dict)
 
 
 def cancel(request_id: int) -> None:

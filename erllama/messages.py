@@ -29,6 +29,7 @@ from erllama.model.messages import (
     LoadAdapter,
     LongestPrefix,
     Phase,
+    PromptKeys,
     QueueDepth,
     SetAdapterScale,
     Shutdown,
@@ -40,6 +41,7 @@ from erllama.model.request import Request, RequestParams
 
 __all__ = [
     "ApplyChatTemplate", "Detokenize", "Embed", "EndSession", "Evict", "LastCacheHit", "ListAdapters",
-    "LoadAdapter", "LongestPrefix", "Phase", "QueueDepth", "Request", "RequestParams", "SetAdapterScale",
+    "LoadAdapter", "LongestPrefix", "Phase", "PromptKeys", "QueueDepth", "Request", "RequestParams",
+    "SetAdapterScale",
     "Shutdown", "Submit", "Tokenize", "UnloadAdapter",
 ]

@@ -92,3 +92,30 @@ def test_a_hot_prefix_stays_on_its_holder_until_it_is_overloaded():
 
 def test_no_replica_can_take_it():
     assert choose([Replica("a", alive=False), Replica("b", waiting=3, capacity=3)], keys_of([1])) == []
+
+
+def test_real_rows_and_prompt_keys_route_a_conversation_to_its_replica(tmp_path, tiny_path):
+    """On the tiny model: what a replica publishes (``erllama.cache.rows_of``) and the
+    request's keys (``erllama.prompt_keys``) make the router pick the replica holding the
+    conversation's prefix over an idle one holding nothing; another namespace's keys miss."""
+    import erllama
+
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"),
+                         policy={"min_tokens": 16, "cold_min_tokens": 16}):
+        mid = erllama.load_model(tiny_path, n_ctx=1024, n_seq_max=2, n_threads=1, isolation="none")
+        first = erllama.tokenize(mid, "the cat and the dog " * 10)
+        erllama.complete(mid, first, max_tokens=8)
+        assert erllama.cache.current().flush(30)
+        rows = erllama.cache.rows_of(mid)
+        assert rows and all(isinstance(k, bytes) and n > 0 for k, n in rows.items())
+        follow_up = first + erllama.tokenize(mid, " and the bird", add_special=False)
+
+        def keys(lengths):
+            return erllama.prompt_keys(mid, follow_up, list(lengths))
+
+        holder, idle = Replica("holder", running=1, rows=rows), Replica("idle")
+        assert choose([idle, holder], keys, policy=POLICY)[0] == "holder"
+        # the whole first prompt was saved; the finish row (prompt + answer) is not a prefix of the follow-up
+        assert matched_tokens(holder, keys(rows.values())) == len(first)
+        other_ns = erllama.prompt_keys(mid, follow_up, list(rows.values()), namespace=b"tenant")
+        assert matched_tokens(holder, other_ns) == 0

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from erllama.cache.store import CacheStore
 
 __all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "longest_prefix", "reset_counters",
-           "stats"]
+           "rows_of", "stats"]
 
 _store: CacheStore | None = None
 _prefix_of: Callable[[str, Sequence[int]], int] | None = None
@@ -56,6 +56,20 @@ def stats() -> dict[str, Any]:
         models[model_id] = {k: {t: (per[k][t] if per else 0) for t in out["tiers"]} for k in empty}
     out["models"] = models
     return out
+
+
+def rows_of(model_id: str) -> dict[bytes, int]:
+    """The available rows under the model's current key (all its namespaces' rows share
+    none: a namespaced request's rows are another group) as ``{key: tokens}``: what a
+    replica publishes for prefix-aware routing (``erllama.ray.routing``). A lock-free read."""
+    from erllama.cache.index import RowStatus
+
+    groups = _groups_of() if _groups_of is not None else {}
+    if model_id not in groups:
+        raise errors.ModelNotFound(f"no model {model_id!r} is loaded")
+    group = groups[model_id]
+    return {r.key: r.n_tokens for r in list(current().index.rows.values())
+            if r.group == group and r.status is RowStatus.AVAILABLE}
 
 
 def longest_prefix(model_id: str, tokens: Sequence[int]) -> int:

@@ -30,7 +30,7 @@ import supervision
 from erllama import errors
 from erllama.backend.protocol import Backend
 from erllama.cache import kvc
-from erllama.cache.key import KeyMeta, group_of
+from erllama.cache.key import KeyMeta, group_of, prefix_keys
 from erllama.cache.policy import SavePolicy
 from erllama.model import messages as msg
 from erllama.model.adapters import AdapterSet
@@ -111,6 +111,7 @@ class ModelActor(supervision.Actor):
             msg.ListAdapters: lambda m: self.adapters.listing(),
             msg.EndSession: lambda m: self.pool.end_session(m.session_id),
             msg.LongestPrefix: self._longest_prefix,
+            msg.PromptKeys: self._prompt_keys,
             msg.Evict: lambda m: self.save_live(kvc.SaveReason.EVICT),
             msg.Shutdown: lambda m: self.save_live(kvc.SaveReason.SHUTDOWN),
         }
@@ -166,6 +167,11 @@ class ModelActor(supervision.Actor):
         if self.cache is None:
             return 0
         return self.cache.longest_prefix(self.key_meta, list(m.tokens))
+
+    def _prompt_keys(self, m: msg.PromptKeys) -> dict[int, bytes]:
+        if self.key_meta is None:
+            return {}
+        return dict(prefix_keys(request_key_meta(self.key_meta, m.namespace), list(m.tokens), m.lengths))
 
     def _adapter_change(self, change: Any, *args: Any) -> None:
         change(*args)

@@ -15,7 +15,7 @@ from erllama.model.request import Request
 
 __all__ = [
     "ApplyChatTemplate", "Detokenize", "Embed", "EndSession", "Evict", "LastCacheHit", "ListAdapters",
-    "LoadAdapter", "LongestPrefix", "Phase", "QueueDepth", "SetAdapterScale",
+    "LoadAdapter", "LongestPrefix", "Phase", "PromptKeys", "QueueDepth", "SetAdapterScale",
     "Shutdown", "Submit", "Tokenize", "UnloadAdapter",
 ]
 
@@ -116,6 +116,16 @@ class LongestPrefix:
     """Length of the longest cached prefix of ``tokens`` for this model's current key."""
 
     tokens: Sequence[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptKeys:
+    """The cache keys of ``tokens[:n]`` for each ``n`` of ``lengths`` within the prompt,
+    under this model's current key (and a request ``namespace``): ``{n: key}``."""
+
+    tokens: Sequence[int] = field(default_factory=list)
+    lengths: Sequence[int] = field(default_factory=list)
+    namespace: bytes | None = None
 
 
 @dataclass(frozen=True)
