@@ -30,11 +30,15 @@ class Stream:
         self._completion: Completion | None = None
         self._error: BaseException | None = None
         self._ended = False
+        self._wake: Callable[[], None] | None = None  # an async reader's wake-up, while it reads
 
     def _push(self, event: Event) -> None:
         sink = self._sink
         if sink is None:
             self._queue.put(event)
+            wake = self._wake
+            if wake is not None:
+                wake()
         elif isinstance(sink, pykka.ActorRef):
             try:
                 sink.tell(event)
@@ -55,25 +59,48 @@ class Stream:
         if self._error is not None:
             raise self._error
         while not self._ended:
-            event = self._queue.get()
-            if isinstance(event, BaseException):
-                self._ended = True
-                self._error = event
-                raise event
-            if isinstance(event, Done):
-                self._ended = True
-                self._completion = event.completion
-            yield event
+            yield self._accept(self._queue.get())
+
+    def _accept(self, event: Event) -> Token | Done:
+        """Record the end (a ``Done``, or an error, raised here) of the stream."""
+        if isinstance(event, BaseException):
+            self._ended = True
+            self._error = event
+            raise event
+        if isinstance(event, Done):
+            self._ended = True
+            self._completion = event.completion
+        return event
 
     async def __aiter__(self) -> AsyncIterator[Token | Done]:
+        """The events without a thread: the model actor wakes the loop when it queues one
+        (``erllama.aio`` streams also cancel their request when the reader goes away)."""
+        if self._sink is not None:
+            raise errors.InvalidParameter("this stream sends its events to a sink; it cannot be iterated")
+        if self._error is not None:
+            raise self._error
         loop = asyncio.get_running_loop()
-        it = iter(self)
-        sentinel: Any = object()
-        while True:
-            event: Token | Done = await loop.run_in_executor(None, next, it, sentinel)
-            if event is sentinel:
-                return
-            yield event
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                pass
+
+        self._wake = wake
+        try:
+            while not self._ended:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._queue.empty():  # checked after the clear: no wake-up is lost
+                        await ready.wait()
+                    continue
+                yield self._accept(event)
+        finally:
+            self._wake = None
 
     def result(self) -> Completion:
         """Drain the stream and return its ``Completion`` (raises the request's error)."""

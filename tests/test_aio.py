@@ -157,3 +157,22 @@ def test_a_slow_consumer_is_cut_off_not_the_model(app, gemma_id):
     assert len(got) == 8 and all(isinstance(e, erllama.Token) for e in got)
     assert req.cancelled.is_set() and len(req.state.generated) < 200
     assert erllama.complete(gemma_id, "Say hello.", max_tokens=4).finish_reason in ("length", "stop")
+
+
+def test_a_sync_stream_is_read_by_async_for_without_a_thread(tiny):
+    prompts = [f"prompt number {i}: the cat" for i in range(4)]
+    refs = [erllama.complete(tiny, p, max_tokens=8).text for p in prompts]
+
+    async def collect(stream):
+        return "".join([ev.text async for ev in stream if isinstance(ev, erllama.Token)])
+
+    async def main():
+        before = threading.active_count()
+        streams = [erllama.infer(tiny, p, max_tokens=8) for p in prompts]
+        texts = await asyncio.gather(*(collect(s) for s in streams))
+        assert threading.active_count() == before  # no executor thread was started
+        with pytest.raises(errors.InvalidParameter):
+            erllama.complete(tiny, "x", max_tokens=-1)
+        return texts
+
+    assert asyncio.run(main()) == refs

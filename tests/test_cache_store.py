@@ -3,6 +3,7 @@ restarts on the same directories and SIGKILLed writers."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -78,7 +79,17 @@ def test_lookup_kinds_and_restore(store):
     assert counters.get("duplicate_dropped") == 1
 
 
-def test_parent_key_waits_for_an_in_flight_save(store, monkeypatch):
+def test_parent_key_waits_for_an_in_flight_save(cfg, monkeypatch):
+    # a wait bound far above the 0.1 s the save is held back, so a loaded machine cannot
+    # outlast it; the lookup returns as soon as the save lands
+    store = CacheStore.start(dataclasses.replace(cfg, parent_wait_s=10.0))
+    try:
+        _parent_key_waits(store, monkeypatch)
+    finally:
+        store.close()
+
+
+def _parent_key_waits(store, monkeypatch):
     base = list(range(1, 51))
     gate = threading.Event()
     real_put = store.tiers["ram"].put
