@@ -32,7 +32,7 @@ import numpy as np
 
 import erllama
 from erllama import errors
-from erllama.stream import Stream
+from erllama.stream import Stream, StreamEnd
 from erllama.types import Completion, Done, Prefill, Token
 
 Prompt = str | Sequence[int]
@@ -61,7 +61,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await loop.run_in_executor(_executor(), functools.partial(fn, *args, **kwargs))
 
 
-class AsyncStream:
+class AsyncStream(StreamEnd):
     """The events of one request for ``async for``: ``Token`` events, then ``Done`` (a
     failed request raises its error instead). ``request_id`` names it for
     ``erllama.cancel``; :meth:`result` drains it to its ``Completion``."""
@@ -76,8 +76,6 @@ class AsyncStream:
         self._lock = threading.Lock()
         self._unread = 0
         self._overflowed = False
-        self._ended = False
-        self._completion: Completion | None = None
         self._stream: Stream | None = None
         self.request_id = 0
 
@@ -126,13 +124,7 @@ class AsyncStream:
         event = self._events.popleft()
         with self._lock:
             self._unread -= 1
-        if isinstance(event, BaseException):
-            self._ended = True
-            raise event
-        if isinstance(event, Done):
-            self._ended = True
-            self._completion = event.completion
-        return event
+        return self._accept(event)
 
     def cancel(self) -> None:
         """Cancel the request (any thread; idempotent): the stream ends with a ``Done``
@@ -153,7 +145,7 @@ class AsyncStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        if not getattr(self, "_ended", True):  # a stream dropped unfinished
+        if not self._ended and getattr(self, "_stream", None) is not None:  # dropped unfinished
             self.cancel()
 
     async def result(self) -> Completion:

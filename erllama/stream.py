@@ -12,12 +12,32 @@ import pykka
 from erllama import errors
 from erllama.types import Completion, Done, Token
 
-__all__ = ["Stream"]
+__all__ = ["Stream", "StreamEnd"]
 
 Event = Token | Done | BaseException
 
 
-class Stream:
+class StreamEnd:
+    """How a stream ends, recorded once: its ``Done`` (``_completion``) or its error
+    (``_error``, raised). Shared by :class:`Stream` and ``erllama.aio.AsyncStream``."""
+
+    _ended: bool = False
+    _error: BaseException | None = None
+    _completion: Completion | None = None
+
+    def _accept(self, event: Event) -> Token | Done:
+        """Pass ``event`` on, recording the end (an error is raised here)."""
+        if isinstance(event, BaseException):
+            self._ended = True
+            self._error = event
+            raise event
+        if isinstance(event, Done):
+            self._ended = True
+            self._completion = event.completion
+        return event
+
+
+class Stream(StreamEnd):
     """Iterate ``Token`` events then a final ``Done`` (sync or ``async for``); a failed
     request raises its error from the iteration. With a ``sink`` (a callable, a
     ``queue.Queue`` or a ``pykka.ActorRef``) events go there instead."""
@@ -60,17 +80,6 @@ class Stream:
             raise self._error
         while not self._ended:
             yield self._accept(self._queue.get())
-
-    def _accept(self, event: Event) -> Token | Done:
-        """Record the end (a ``Done``, or an error, raised here) of the stream."""
-        if isinstance(event, BaseException):
-            self._ended = True
-            self._error = event
-            raise event
-        if isinstance(event, Done):
-            self._ended = True
-            self._completion = event.completion
-        return event
 
     async def __aiter__(self) -> AsyncIterator[Token | Done]:
         """The events without a thread: the model actor wakes the loop when it queues one

@@ -229,3 +229,12 @@ def test_a_cache_namespace_keeps_rows_and_sessions_apart(client):
     assert ask("tenant-c", longer, session_id="s2").model_extra["erllama"]["cache_hit"] == "sticky"
     with pytest.raises(openai.BadRequestError):
         ask("")
+
+
+def test_a_disconnect_cancels_a_request_that_is_not_streamed(url):
+    app = app_mod.current()
+    prompt = erllama.tokenize("gemma", NOTES * 200)[:4000]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up during the prefill, and goes away
+        httpx.post(url + "/v1/completions", json={"model": "gemma", "prompt": prompt, "max_tokens": 8}, timeout=1.0)
+    # well before the ~4 s prefill would have ended by itself
+    wait_until(lambda: not app.inflight.items(), 1.5, "the abandoned request to be cancelled")

@@ -86,17 +86,18 @@ class CacheStore:
             raise
 
     def _open_tiers(self, config: CacheConfig, stats: Counters) -> None:
-        # each file tier's directory is private and locked before the meta server scans it
+        # a FileTier checks its directory is private; it is locked before the meta server scans it
         if config.ram_quota:
             self.tiers["ram"] = RamTier()
+        files = []
         if config.ram_file_quota:
-            directory = private.private_dir(config.resolved_ram_file_dir(), "ram_file tier directory")
-            self._locks.append(private.DirLock(directory, "ram_file tier directory"))
-            self.tiers["ram_file"] = FileTier("ram_file", directory, stats, buffers=self.buffers, trust_verified=True)
+            files.append(FileTier("ram_file", config.resolved_ram_file_dir(), stats, buffers=self.buffers,
+                                  trust_verified=True))
         if config.disk_quota:
-            directory = private.private_dir(config.resolved_disk_dir(), "disk tier directory")
-            self._locks.append(private.DirLock(directory, "disk tier directory"))
-            self.tiers["disk"] = FileTier("disk", directory, stats, buffers=self.buffers)
+            files.append(FileTier("disk", config.resolved_disk_dir(), stats, buffers=self.buffers))
+        for tier in files:
+            self._locks.append(private.DirLock(tier.directory, f"{tier.name} tier directory"))
+            self.tiers[tier.name] = tier
 
     def release_locks(self) -> None:
         """Let another application use the tier directories (after the meta server stopped;

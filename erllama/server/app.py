@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,7 +109,7 @@ class Server:
             await asyncio.to_thread(erllama.start, **self.config.app_config)
             self.started_app = True
         for spec in self.config.models:
-            mid = spec.model_id or _stem(spec.path)
+            mid = spec.model_id or Path(spec.path).name.removesuffix(".gguf")
             self.loading[mid] = "loading"
             self._loads.append(asyncio.create_task(self._load(spec, mid)))
 
@@ -164,19 +167,13 @@ class Server:
             raise unavailable(f"model {mid!r} is {info.status}", self.config.retry_after_s, "model_restarting")
         # this server's own requests decide (the model's published queue length lags a tick
         # behind a submission); the published length still bounds what others queued
-        mine = self.metrics.in_flight.get(mid, 0)
-        waiting = max(mine - info.n_seq_max, 0)
-        if waiting >= self.config.max_queue and mine >= info.n_seq_max or info.pending_len > self.config.max_queue:
+        waiting = self.metrics.in_flight.get(mid, 0) - info.n_seq_max  # beyond the sequences
+        if waiting >= self.config.max_queue or info.pending_len > self.config.max_queue:
             waiting = max(waiting, info.pending_len)
             self.metrics.rejected(mid, "queue_full")
             raise unavailable(f"model {mid!r} has all {info.n_seq_max} sequences busy and {waiting} requests "
                               f"waiting (max_queue={self.config.max_queue}); retry later",
                               self.config.retry_after_s, "queue_full")
-
-
-def _stem(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return name[:-5] if name.endswith(".gguf") else name
 
 
 def _sse(obj: Any) -> bytes:
@@ -211,11 +208,17 @@ async def _until_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         pass
 
 
+def _cancel_on_disconnect(req: Request, stream: aio.AsyncStream) -> asyncio.Future[None]:
+    """Cancel ``stream``'s request when the client disconnects, even while nothing is being
+    written (a long prefill); cancel the returned watcher once the answer is complete."""
+    gone = asyncio.ensure_future(_until_disconnect(req.receive))
+    gone.add_done_callback(lambda f: None if f.cancelled() else stream.cancel())
+    return gone
+
+
 def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
     """The FastAPI application (mount it in your own service, or run it with uvicorn)."""
-    cfg = config or ServerConfig(**overrides)
-    if config is not None and overrides:
-        cfg = ServerConfig(**{**config.__dict__, **overrides})
+    cfg = dataclasses.replace(config or ServerConfig(), **overrides)
     server = Server(cfg)
 
     @contextlib.asynccontextmanager
@@ -309,18 +312,15 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
     async def run_to_end(req: Request, mid: str, prompt: list[int],
                          params: dict[str, Any]) -> tuple[Completion, list[TokenLogprobs]]:
         stream = aio.infer(mid, prompt, **params)
-        task = asyncio.ensure_future(drain(stream))
-        gone = asyncio.ensure_future(_until_disconnect(req.receive))
+        gone = _cancel_on_disconnect(req, stream)
         try:
-            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+            done, lps = await drain(stream)
         finally:
+            left = gone.done() and not gone.cancelled()
             gone.cancel()
-        if not task.done():  # the client went away: its request goes too
-            stream.cancel()
-            task.cancel()
+        if left:  # the client went away: its request was cancelled
             server.metrics.finished(mid, "disconnected")
             raise APIError(499, "the client closed the connection", code="client_closed")
-        done, lps = task.result()
         server.metrics.completed(mid, done)
         return done, lps
 
@@ -392,9 +392,7 @@ def create_app(config: ServerConfig | None = None, **overrides: Any) -> Any:
         except BaseException:
             server.leave(mid)
             raise
-        # a disconnect cancels the request even while nothing is written (a long prefill)
-        gone = asyncio.ensure_future(_until_disconnect(req.receive))
-        gone.add_done_callback(lambda f: None if f.cancelled() else stream.cancel())
+        gone = _cancel_on_disconnect(req, stream)
         return streamed(mid, stream, gone, chat, gen.include_usage, rid, "logprobs" in params)
 
     @api.post("/v1/chat/completions")
@@ -536,6 +534,4 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/mode
 
 def uuid_hex() -> str:
     """A short random id for a response."""
-    import uuid
-
     return uuid.uuid4().hex[:24]

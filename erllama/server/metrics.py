@@ -77,7 +77,7 @@ class Metrics:
         self.queue_time.labels(model)
         self.generation_tokens.labels(model)
 
-    def request(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+    def request(self, endpoint: str, status: int) -> None:
         """One HTTP request answered."""
         self.requests.labels(endpoint, str(status)).inc()
 
