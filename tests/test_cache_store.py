@@ -106,6 +106,27 @@ def _parent_key_waits(store, monkeypatch):
     fut.result(timeout=5)
 
 
+def test_parent_key_waits_for_a_save_still_queued(cfg):
+    # every writer is busy, so the save is queued and its key not yet reserved when the
+    # lookup asks: the lookup still waits for it (this raced before: no reservation, no wait)
+    store = CacheStore.start(dataclasses.replace(cfg, parent_wait_s=10.0, writer_max_concurrent=1))
+    try:
+        base = list(range(1, 51))
+        gate = threading.Event()
+        blocker = store.writer.submit(gate.wait, 5)
+        fut = store.save(row_meta(base), LOGITS, payload(2), wait=True)
+        assert not fut.done()
+        threading.Timer(0.1, gate.set).start()
+        t0 = time.monotonic()
+        hit = store.lookup(KM, base + [7], parent_key=cache_key(KM, base))
+        assert hit is not None and hit.kind == "resume"
+        assert time.monotonic() - t0 >= 0.05
+        assert fut.result(timeout=5) == "saved" and blocker.result(timeout=5)
+        assert store._queued == {}
+    finally:
+        store.close()
+
+
 def test_quotas_hold_under_load_and_demotion_keeps_rows(store, cfg):
     quotas = {"ram": cfg.ram_quota, "ram_file": cfg.ram_file_quota, "disk": cfg.disk_quota}
     violations = []

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -69,6 +70,10 @@ class CacheStore:
             raise
         quotas = {"ram": config.ram_quota, "ram_file": config.ram_file_quota, "disk": config.disk_quota}
         self._published: dict[str, Index] = {}
+        # saves handed to the writer pool and not yet ended, by key: a parent lookup waits for
+        # one before its writer has reserved the key in the meta server
+        self._queued: dict[bytes, list[Any]] = {}
+        self._queued_lock = threading.Lock()
         self._name = f"erllama.cache.meta.{next(_store_ids)}"
         spec = supervision.ChildSpec(
             "meta", lambda: MetaServer.start(self.tiers, quotas, stats=stats, published=self._published),
@@ -184,13 +189,39 @@ class CacheStore:
         """
         if tier not in self.tiers:
             raise errors.ConfigError(f"tier {tier!r} is not configured (have {sorted(self.tiers)})")
-        if wait:
-            return self.writer.submit(self._save_job, meta, logits, kv, tier)
-        nbytes = memoryview(kv).nbytes + (0 if logits is None else np.asarray(logits).nbytes)
-        fut = self.writer.try_submit(self._save_job, meta, logits, kv, tier, nbytes=nbytes)
+        key = cache_key(KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace), meta.token_ids)
+        self._queue(key)
+        try:
+            if wait:
+                return self.writer.submit(self._queued_job, key, meta, logits, kv, tier)
+            nbytes = memoryview(kv).nbytes + (0 if logits is None else np.asarray(logits).nbytes)
+            fut = self.writer.try_submit(self._queued_job, key, meta, logits, kv, tier, nbytes=nbytes)
+        except BaseException:
+            self._unqueue(key)
+            raise
         if fut is None:
+            self._unqueue(key)
             self.counters.add("saves_dropped")
         return fut
+
+    def _queue(self, key: bytes) -> None:
+        with self._queued_lock:
+            entry = self._queued.setdefault(key, [threading.Event(), 0])
+            entry[1] += 1
+
+    def _unqueue(self, key: bytes) -> None:
+        with self._queued_lock:
+            entry = self._queued[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._queued[key]
+                entry[0].set()
+
+    def _queued_job(self, key: bytes, *args: Any) -> str:
+        try:
+            return self._save_job(*args)
+        finally:
+            self._unqueue(key)
 
     def _save_job(self, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str, again: bool = True) -> str:
         km = KeyMeta(meta.fingerprint, meta.quant, meta.ctx_params_hash, meta.namespace)
@@ -378,6 +409,13 @@ class CacheStore:
         self.counters.add("longest_prefix_ns", time.perf_counter_ns() - t0)
 
     def _wait_parent(self, key: bytes) -> Row | None:
+        """The parent row once it is readable: waits (up to ``parent_wait_s``) for a save of
+        it that is queued or running; ``None`` when there is none or it did not land."""
+        with self._queued_lock:
+            entry = self._queued.get(key)
+        if entry is not None:
+            entry[0].wait(self.config.parent_wait_s)
+            return self.index.lookup_exact(key)
         res = self._ask("wait_for", key)
         if res is None or isinstance(res, Row):
             return res
