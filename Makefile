@@ -28,7 +28,7 @@ $(PY):
 # Editable install: Python changes apply at once; native sources rebuild the extension
 # (llama.cpp itself comes from the build cache, see setup.py).
 $(STAMP): $(PY) $(NATIVE_SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,server]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo,server,ray]'
 	touch $@
 
 clean:

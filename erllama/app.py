@@ -129,7 +129,7 @@ class Application:
             self.cache.release_locks()
             raise
         supervision.monitor(self.root, self._root_down)
-        cache_api.attach(self.cache, self._longest_prefix, self._key_groups)
+        cache_api.attach(self.cache, self._longest_prefix, self._key_metas)
 
     @property
     def model_sup(self) -> pykka.ActorRef[Any]:
@@ -326,8 +326,8 @@ class Application:
 
         threading.Thread(target=resubmit, name=f"erllama-redirect-{req.id}", daemon=True).start()
 
-    def _key_groups(self) -> dict[str, bytes | None]:
-        return {mid: e.observed.key_group for mid, e in self.registry.items()}
+    def _key_metas(self) -> dict[str, Any]:
+        return {mid: e.observed.key_meta for mid, e in self.registry.items()}
 
     def _longest_prefix(self, model_id: str, tokens: Any) -> int:
         return cast(int, self.ref(model_id).ask(LongestPrefix(list(tokens)), timeout=60))

@@ -12,33 +12,17 @@ from erllama import _native as native
 from erllama import errors
 from erllama.checksum import crc32c
 
-__all__ = ["LlamaBackend", "crc32c", "native"]
+__all__ = ["LlamaBackend", "Vocab", "crc32c", "native"]
 
 
-class LlamaBackend:
-    """A model and one context on the native binding (see ``backend.protocol.Backend``)."""
+class Vocab:
+    """A model's vocabulary and chat template, without weights or a context (loaded
+    ``vocab_only``: milliseconds and a few MB), for tokenizing away from the model actor,
+    as a router does. ``chat_template`` is the fallback for a model that has none."""
 
-    def __init__(self, path: str | os.PathLike[str], config: Any) -> None:
-        self.model = native.Model.load(path, n_gpu_layers=config.n_gpu_layers)
-        try:
-            self.ctx = native.Context.create(
-                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
-                n_seq_max=config.n_seq_max, n_threads=config.n_threads, type_k=config.type_k,
-                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full)
-        except BaseException:
-            self.model.free()
-            raise
-        self.chat_template = config.chat_template
-        self.ftype_name = self.model.ftype_name
-        self.n_vocab = self.model.n_vocab
-        self.n_ctx_seq = self.ctx.n_ctx_seq
-        self.n_seq_max = self.ctx.n_seq_max
-        self.n_batch = self.ctx.n_batch
-        self.n_embd = self.model.n_embd
-        self._config = config
-        self._embed_ctx: native.Context | None = None
-        self._adapters: list[native.Adapter] = []
-        self._adapters_applied: list[tuple[native.Adapter, float]] = []
+    def __init__(self, path: str | os.PathLike[str], chat_template: str | None = None) -> None:
+        self.model = native.Model.load(path, vocab_only=True)
+        self.chat_template = chat_template
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids."""
@@ -63,6 +47,36 @@ class LlamaBackend:
         if tmpl is None:
             raise errors.NoChatTemplate(f"model {self.model.path!r} has no chat template and none was configured")
         return native.apply_chat_template(tmpl, messages, add_assistant)
+
+    def close(self) -> None:
+        """Free the native model (idempotent)."""
+        self.model.free()
+
+
+class LlamaBackend(Vocab):
+    """A model and one context on the native binding (see ``backend.protocol.Backend``)."""
+
+    def __init__(self, path: str | os.PathLike[str], config: Any) -> None:
+        self.model = native.Model.load(path, n_gpu_layers=config.n_gpu_layers)
+        try:
+            self.ctx = native.Context.create(
+                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                n_seq_max=config.n_seq_max, n_threads=config.n_threads, type_k=config.type_k,
+                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full)
+        except BaseException:
+            self.model.free()
+            raise
+        self.chat_template = config.chat_template
+        self.ftype_name = self.model.ftype_name
+        self.n_vocab = self.model.n_vocab
+        self.n_ctx_seq = self.ctx.n_ctx_seq
+        self.n_seq_max = self.ctx.n_seq_max
+        self.n_batch = self.ctx.n_batch
+        self.n_embd = self.model.n_embd
+        self._config = config
+        self._embed_ctx: native.Context | None = None
+        self._adapters: list[native.Adapter] = []
+        self._adapters_applied: list[tuple[native.Adapter, float]] = []
 
     def step(self, rows: Iterable[tuple[Any, ...]]) -> list[int]:
         """One decode of several sequences' rows."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "SamplerParams"]
+__all__ = ["Backend", "SamplerParams", "chat_tokens"]
 
 SamplerParams = dict[str, Any]
 """``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``seed``, ``grammar``."""
@@ -127,3 +127,13 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free everything (idempotent)."""
         ...
+
+
+def chat_tokens(vocab: Any, messages: Sequence[dict[str, Any]], add_assistant: bool = True) -> list[int]:
+    """``messages`` rendered with ``vocab``'s chat template (a backend or a
+    ``llama.Vocab``) and tokenized, special tokens parsed and BOS added once: the one
+    definition of a chat prompt's tokens, so a router computes the same ids as the model."""
+    text = vocab.apply_chat_template(list(messages), None, add_assistant)
+    tokens = vocab.tokenize(text, False, True)
+    bos = vocab.tokenize("", True, False)  # [] or [BOS]: add it unless the template did
+    return tokens if tokens[: len(bos)] == bos else bos + tokens

@@ -11,31 +11,47 @@ from typing import TYPE_CHECKING, Any
 
 from erllama import errors
 from erllama.cache.counters import counters as _counters
+from erllama.cache.key import KeyMeta, group_of
 
 if TYPE_CHECKING:
     from erllama.cache.store import CacheStore
 
-__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "longest_prefix", "reset_counters",
-           "rows_of", "stats"]
+__all__ = ["attach", "counters", "current", "detach", "evict_bytes", "gc", "key_meta_of", "longest_prefix",
+           "reset_counters", "rows_of", "stats"]
 
 _store: CacheStore | None = None
 _prefix_of: Callable[[str, Sequence[int]], int] | None = None
-_groups_of: Callable[[], Mapping[str, bytes | None]] | None = None
+_metas_of: Callable[[], Mapping[str, KeyMeta | None]] | None = None
 
 
 def attach(store: CacheStore, prefix_of: Callable[[str, Sequence[int]], int] | None = None,
-           groups_of: Callable[[], Mapping[str, bytes | None]] | None = None) -> None:
+           metas_of: Callable[[], Mapping[str, KeyMeta | None]] | None = None) -> None:
     """Make ``store`` the one these functions act on (the application does this);
     ``prefix_of(model_id, tokens)`` answers :func:`longest_prefix` for a model's key;
-    ``groups_of()`` maps each loaded model id to its current key group (:func:`stats`)."""
-    global _store, _prefix_of, _groups_of
-    _store, _prefix_of, _groups_of = store, prefix_of, groups_of
+    ``metas_of()`` maps each loaded model id to its current key metadata (:func:`stats`,
+    :func:`key_meta_of`)."""
+    global _store, _prefix_of, _metas_of
+    _store, _prefix_of, _metas_of = store, prefix_of, metas_of
 
 
 def detach() -> None:
     """Forget the current store (at application stop)."""
-    global _store, _prefix_of, _groups_of
-    _store, _prefix_of, _groups_of = None, None, None
+    global _store, _prefix_of, _metas_of
+    _store, _prefix_of, _metas_of = None, None, None
+
+
+def _groups_of() -> dict[str, bytes | None]:
+    metas = _metas_of() if _metas_of is not None else {}
+    return {mid: (group_of(m) if m is not None else None) for mid, m in metas.items()}
+
+
+def key_meta_of(model_id: str) -> KeyMeta | None:
+    """The model's current cache key metadata (``None`` for a model without a cache): with
+    ``erllama.cache.key.prefix_keys`` it gives a prompt's keys anywhere, as a router does."""
+    metas = _metas_of() if _metas_of is not None else {}
+    if model_id not in metas:
+        raise errors.ModelNotFound(f"no model {model_id!r} is loaded")
+    return metas[model_id]
 
 
 def stats() -> dict[str, Any]:
@@ -51,7 +67,7 @@ def stats() -> dict[str, Any]:
     out = current().stats()
     empty = {k: dict.fromkeys(out["tiers"], 0) for k in ("rows", "bytes", "hits")}
     models = {}
-    for model_id, group in (_groups_of() if _groups_of is not None else {}).items():
+    for model_id, group in _groups_of().items():
         per = out["groups"].get(group.hex()) if group is not None else None
         models[model_id] = {k: {t: (per[k][t] if per else 0) for t in out["tiers"]} for k in empty}
     out["models"] = models
@@ -64,7 +80,7 @@ def rows_of(model_id: str) -> dict[bytes, int]:
     replica publishes for prefix-aware routing (``erllama.ray.routing``). A lock-free read."""
     from erllama.cache.index import RowStatus
 
-    groups = _groups_of() if _groups_of is not None else {}
+    groups = _groups_of()
     if model_id not in groups:
         raise errors.ModelNotFound(f"no model {model_id!r} is loaded")
     group = groups[model_id]

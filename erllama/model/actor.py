@@ -28,9 +28,9 @@ import numpy as np
 
 import supervision
 from erllama import errors
-from erllama.backend.protocol import Backend
+from erllama.backend.protocol import Backend, chat_tokens
 from erllama.cache import kvc
-from erllama.cache.key import KeyMeta, group_of, prefix_keys
+from erllama.cache.key import KeyMeta, prefix_keys
 from erllama.cache.policy import SavePolicy
 from erllama.model import messages as msg
 from erllama.model.adapters import AdapterSet
@@ -63,9 +63,10 @@ class Observed:
     phase: str = "idle"
     pending_len: int = 0
     last_cache_hit: tuple[str, int] | None = None
-    key_group: bytes | None = None
-    """The cache key group of the model's current key (fingerprint with adapters, quant,
-    context shape, namespace): ``erllama.cache.stats()`` reports its rows per model."""
+    key_meta: KeyMeta | None = None
+    """The model's current cache key metadata (fingerprint with adapters, quant, context
+    shape, namespace): ``erllama.cache.stats()`` reports the rows of its group per model,
+    and a router computes a prompt's keys with it."""
     last_failure: str | None = None
     last_exit_signal: str | None = None
 
@@ -88,7 +89,7 @@ class ModelActor(supervision.Actor):
         self.policy = policy or SavePolicy()
         self.tier = tier
         self.observed = observed or Observed()
-        self.observed.key_group = group_of(key_meta) if key_meta is not None else None
+        self.observed.key_meta = key_meta
         self.redirect = redirect
         self.pool = SeqPool(backend)
         self.saves = Saves(model_id, backend, self.cache, self.policy, tier) if self.cache is not None else None
@@ -154,10 +155,7 @@ class ModelActor(supervision.Actor):
         self._end(errors.ModelCrashed(f"model {self.model_id!r} was unloaded or stopped"))
 
     def _chat_tokens(self, m: msg.ApplyChatTemplate) -> list[int]:
-        text = self.backend.apply_chat_template(list(m.messages), None, m.add_assistant)
-        tokens = self.backend.tokenize(text, False, True)
-        bos = self.backend.tokenize("", True, False)  # [] or [BOS]: add it unless the template did
-        return tokens if tokens[: len(bos)] == bos else bos + tokens
+        return chat_tokens(self.backend, m.messages, m.add_assistant)
 
     def _embed(self, m: msg.Embed) -> Any:
         tokens = self.backend.tokenize(m.input) if isinstance(m.input, str) else list(m.input)
@@ -184,7 +182,7 @@ class ModelActor(supervision.Actor):
         if self.key_meta is not None and self.base_fingerprint is not None:
             self.key_meta = dataclasses.replace(self.key_meta,
                                                 fingerprint=self.adapters.fingerprint(self.base_fingerprint))
-            self.observed.key_group = group_of(self.key_meta)
+            self.observed.key_meta = self.key_meta
 
     def save_live(self, reason: kvc.SaveReason, timeout: float = 60.0) -> int:
         """Synchronously save the context of every running request and idle session

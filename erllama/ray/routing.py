@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Policy", "Replica", "choose", "matched_tokens"]
 
@@ -38,7 +39,7 @@ class Replica:
     running: int = 0
     waiting: int = 0
     capacity: int = 64
-    rows: Mapping[bytes, int] = field(default_factory=dict)
+    rows: Mapping[Any, int] = field(default_factory=dict)
     sessions: frozenset[str] = frozenset()
 
     @property
@@ -61,7 +62,7 @@ class Policy:
     min_match_tokens: int = 32
 
 
-def matched_tokens(replica: Replica, keys: Mapping[int, bytes]) -> int:
+def matched_tokens(replica: Replica, keys: Mapping[int, Any]) -> int:
     """The longest prefix (in tokens) of the request that ``replica`` holds a row of:
     ``keys`` maps a length to the request's cache key at that length."""
     best = 0
@@ -71,7 +72,7 @@ def matched_tokens(replica: Replica, keys: Mapping[int, bytes]) -> int:
     return best
 
 
-def choose(replicas: Sequence[Replica], prompt_keys: Callable[[Iterable[int]], Mapping[int, bytes]],
+def choose(replicas: Sequence[Replica], prompt_keys: Callable[[Iterable[int]], Mapping[int, Any]],
            session_id: str | None = None, policy: Policy = Policy(),
            rng: random.Random | None = None) -> list[str]:
     """The eligible replicas' ids, best first (empty when none can take the request).
