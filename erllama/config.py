@@ -103,7 +103,9 @@ class CacheLimits:
     the tier quotas (bytes; 0 disables a tier), the tmpfs tier's directory, the writer
     pool's bounds, how long a save waits for room, and memory pressure (a dict, a
     :class:`~erllama.cache.pressure.PressureConfig` or ``None`` for the default, stored as a
-    ``PressureConfig``)."""
+    ``PressureConfig``), and the shared cold tier: ``shared_dir``, a directory several nodes
+    mount (``None``: none), listed again at most every ``shared_scan_s`` seconds
+    (:mod:`erllama.cache.shared`)."""
 
     ram_quota: int = 1 * GiB
     ram_file_dir: str | None = None
@@ -114,6 +116,8 @@ class CacheLimits:
     writer_queue_bytes: int = 256 * MiB
     room_wait_s: float = 2.0
     pressure: Any = None
+    shared_dir: str | None = None
+    shared_scan_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("ram_quota", "ram_file_quota", "disk_quota"):
@@ -122,6 +126,10 @@ class CacheLimits:
         _int("writer_queue", self.writer_queue, 0, 4096)
         _int("writer_queue_bytes", self.writer_queue_bytes, 0)
         _seconds("room_wait_s", self.room_wait_s, 60)
+        _seconds("shared_scan_s", self.shared_scan_s, 3600)
+        if self.shared_dir is not None and (not isinstance(self.shared_dir, str | os.PathLike)
+                                            or not str(self.shared_dir)):
+            raise errors.ConfigError(f"shared_dir must be a path or None, got {self.shared_dir!r}")
         object.__setattr__(self, "pressure", _pressure(self.pressure))
 
 

@@ -31,7 +31,8 @@ def main(model_path: str, cache_root: str) -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         cfg = ServerConfig(models=(ModelSpec(model_path, "tiny", {"n_ctx": 4096, "n_seq_max": 2}),),
-                           app_config={"ram_quota": 64_000_000, "ram_file_quota": 0, "disk_quota": 0})
+                           app_config={"ram_quota": 64_000_000, "ram_file_quota": 0, "disk_quota": 200_000_000,
+                                       "shared_dir": f"{cache_root}/shared"})
         serve.run(build_app(cfg, cache_root=cache_root, stats_period_s=0.5), blocking=False)
         report["t"]["serve_s"] = time.monotonic() - t0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", timeout=60, max_retries=0)
@@ -112,7 +113,8 @@ def kill_and_recover(client: openai.OpenAI, aff: dict) -> dict:
     # the conversation again at once: routed to the dead replica or not, it is answered
     t = time.monotonic()
     replica, _, info = chat(client, conv["messages"])
-    out["after"] = {"replica": replica, "victim": victim, "s": time.monotonic() - t}
+    out["after"] = {"replica": replica, "victim": victim, "s": time.monotonic() - t, "cache_hit": info["cache_hit"],
+                    "cached_tokens": info["cached_tokens"], "cache_tier": info["cache_tier"]}
     # more requests while Serve replaces the replica: every one is answered
     answered, seen = 0, set()
     deadline = time.monotonic() + 90

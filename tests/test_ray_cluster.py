@@ -63,6 +63,14 @@ def test_the_conversation_is_answered_by_another_replica_right_after_the_kill(re
     assert after["replica"] != after["victim"], after
 
 
+def test_the_other_node_resumes_the_conversation_from_the_shared_tier(report):
+    # the killed replica's rows were written to the shared directory too: the node that
+    # takes the conversation over imports the longest one into its disk tier
+    after = report["kill"]["after"]
+    assert after["cache_hit"] in ("partial", "exact") and after["cached_tokens"] >= 256, after
+    assert after["cache_tier"] == "disk", after
+
+
 def test_serve_replaces_the_killed_replica_and_the_router_stops_choosing_it(report):
     rec = report["kill"]["recovery"]
     assert rec["replaced"] and rec["answered"] >= 10, rec

@@ -13,7 +13,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "saves_dropped", "saves_failed", "saves_spilled", "room_waits", "duplicate_dropped",
     "evictions", "demotions", "promotions", "corrupt_files", "foreign_files", "restores_failed",
     "pack_total_ns", "load_total_ns", "loads_crc_skipped", "longest_prefix_probes", "longest_prefix_ns",
-    "bytes_ram", "bytes_ram_file", "bytes_disk",
+    "bytes_ram", "bytes_ram_file", "bytes_disk", "shared_published", "shared_imports", "shared_failed",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ram_file", "bytes_disk"})

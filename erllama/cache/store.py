@@ -32,6 +32,7 @@ from erllama.cache.pressure import CheckNow
 from erllama.cache.pressure import Status as PressureStatus
 from erllama.cache.pressure import child_spec as pressure_child_spec
 from erllama.cache.publish import PublishError
+from erllama.cache.shared import SharedTier
 from erllama.cache.tiers import BufferPool, FileTier, RamTier, RowParts, encode_row
 from erllama.cache.writer import WriterPool
 from erllama.config import CacheConfig
@@ -63,8 +64,11 @@ class CacheStore:
         # one pool of read buffers for publish read-backs, restores and moves between files
         self.buffers = BufferPool(keep=2)
         self._locks: list[private.DirLock] = []
+        self.shared: SharedTier | None = None
         try:
             self._open_tiers(config, stats)
+            if config.shared_dir:
+                self.shared = SharedTier(config.shared_dir, stats, buffers=self.buffers, scan_s=config.shared_scan_s)
         except BaseException:
             self.release_locks()
             raise
@@ -231,7 +235,7 @@ class CacheStore:
             return "duplicate"
         parts = encode_row(meta, logits, kv)
         try:
-            token, tier = self._reserve(key, group_of(km), meta.n_tokens, tier, parts.size)
+            self._store_parts(key, group_of(km), meta.n_tokens, tier, parts)
         except AlreadyPresent:
             self.counters.add("duplicate_dropped")
             return "duplicate"
@@ -240,6 +244,19 @@ class CacheStore:
                 return self._await_other_save(key, meta, logits, kv, tier)
             self.counters.add("duplicate_dropped")
             return "duplicate"
+        reason = kvc.SaveReason(meta.save_reason).name.lower()
+        if reason != "unknown":
+            self.counters.add(f"saves_{reason}")
+        if self.shared is not None:
+            self._share(key, parts)
+        return "saved"
+
+    def _store_parts(self, key: bytes, group: bytes, n_tokens: int, tier: str, parts: RowParts) -> None:
+        """Reserve, write and publish an encoded row in ``tier`` (or a slower one). Raises
+        ``AlreadyPresent``/``Conflict`` from the reservation, ``NoRoom`` or the write's error
+        (counted in ``saves_failed``; nothing is left behind)."""
+        try:
+            token, tier = self._reserve(key, group, n_tokens, tier, parts.size)
         except NoRoom:
             self.counters.add("saves_failed")
             raise
@@ -261,10 +278,37 @@ class CacheStore:
                     self.tiers[tier].delete(key)
                     self._ask("cancel", key, token)
             raise
-        reason = kvc.SaveReason(meta.save_reason).name.lower()
-        if reason != "unknown":
-            self.counters.add(f"saves_{reason}")
-        return "saved"
+
+    def _share(self, key: bytes, parts: RowParts) -> None:
+        """Write a saved row to the shared tier too (best effort: a failure is counted)."""
+        assert self.shared is not None
+        try:
+            self.shared.publish(key, parts)
+        except Exception as exc:
+            self.counters.add("shared_failed")
+            logger.warning("cannot write row %s to the shared tier: %s", key.hex()[:16], exc)
+        else:
+            self.counters.add("shared_published")
+
+    def _import_shared(self, key: bytes, group: bytes, n_tokens: int) -> bool:
+        """Copy a verified row of the shared tier into this node's slowest tier; ``True``
+        when it is then available here."""
+        assert self.shared is not None
+        try:
+            parts = self.shared.parts(key)
+        except (kvc.CorruptRow, OSError) as exc:
+            logger.info("shared row %s not imported: %s", key.hex()[:16], exc)
+            return False
+        local = [t for t in TIERS if t in self.tiers][-1]
+        try:
+            self._store_parts(key, group, n_tokens, local, parts)
+        except (AlreadyPresent, Conflict):
+            pass
+        except Exception as exc:
+            logger.warning("cannot import shared row %s: %s", key.hex()[:16], exc)
+            return False
+        self.counters.add("shared_imports")
+        return self.index.lookup_exact(key) is not None
 
     def _await_other_save(self, key: bytes, meta: kvc.RowMeta, logits: Any, kv: Any, tier: str) -> str:
         """Wait for the save of the same row that another writer holds; ``"duplicate"``
@@ -387,15 +431,29 @@ class CacheStore:
                 return Hit("resume", parent_key, row.n_tokens)
         lengths = index.candidate_lengths(group_of(meta), len(toks) - 1)
         probes = 0
+        found: Hit | None = None
         for n, k in prefix_keys(meta, toks, lengths):
             probes += 1
             if index.lookup_exact(k) is not None:
-                self._prefix_stats(probes, t0)
-                self.counters.add("hits_longest_prefix")
-                return Hit("partial", k, n)
+                found = Hit("partial", k, n)
+                break
         self._prefix_stats(probes, t0)
-        self.counters.add("misses")
-        return None
+        if self.shared is not None:
+            found = self._shared_hit(meta, toks, found) or found
+        if found is None:
+            self.counters.add("misses")
+        else:
+            self.counters.add("hits_exact" if found.kind == "exact" else "hits_longest_prefix")
+        return found
+
+    def _shared_hit(self, meta: KeyMeta, toks: list[int], local: Hit | None) -> Hit | None:
+        """A longer prefix than ``local`` from the shared tier, imported here first."""
+        assert self.shared is not None
+        best = self.shared.best(meta, toks, local.n_tokens if local is not None else 0)
+        if best is None or not self._import_shared(best[1], group_of(meta), best[0]):
+            return None
+        n, key = best
+        return Hit("exact" if n == len(toks) else "partial", key, n)
 
     def restore_failed(self, hit: Hit) -> None:
         """A hit whose row then did not restore: count it as the miss it turned into."""
