@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 import erllama
 from erllama import cache as cache_api
-from erllama.config import ModelConfig
+from erllama.config import ModelConfig, default_cache_dir
 from erllama.ray.router import encode_meta, short_key
 from erllama.server import openai_api as oa
 from erllama.server.app import ModelSpec, ServerConfig, create_app
@@ -47,13 +47,16 @@ class Engine:
     """One replica: an erllama application with its models loaded, serving forwarded HTTP
     requests (:meth:`handle`) and publishing what its cache holds (:meth:`record_routing_stats`).
 
-    ``cache_root``: each replica's cache lives in ``cache_root/node-<node id>`` (one replica
-    per node: a second one on the same node would find the directory locked). ``shared_dir``:
-    the cluster's shared cold tier, a directory every node mounts (see the cluster guide)."""
+    ``cache_root``: each replica's cache lives in ``cache_root/node-<node id>`` (default
+    ``~/.cache/erllama/ray``; unless ``app_config`` names a ``cache_dir``). One replica per
+    node: a second one on the same node would find the directory locked. The cluster's
+    shared cold tier is ``app_config["shared_dir"]``, a directory every node mounts (see
+    the cluster guide)."""
 
     async def __init__(self, config: ServerConfig, cache_root: str | None = None) -> None:  # type: ignore[misc]
         app_config = dict(config.app_config)
-        if cache_root is not None and "cache_dir" not in app_config:
+        if "cache_dir" not in app_config:
+            cache_root = cache_root if cache_root is not None else str(default_cache_dir() / "ray")
             node = serve.get_replica_context().replica_id.unique_id
             with contextlib.suppress(Exception):
                 import ray
@@ -64,7 +67,11 @@ class Engine:
         self.api = create_app(self.config)
         self._life = self.api.router.lifespan_context(self.api)
         await self._life.__aenter__()
-        await self._ready()
+        try:
+            await self._ready()
+        except BaseException:
+            await self._life.__aexit__(None, None, None)
+            raise
         self.models = [m.id for m in erllama.list_models()]
         self.id = serve.get_replica_context().replica_id.unique_id.encode()
 
@@ -198,7 +205,10 @@ class Ingress:
             try:
                 start = await gen.__anext__()
                 break
-            except (StopAsyncIteration, asyncio.CancelledError):
+            except asyncio.CancelledError:  # the client left while the engine worked
+                gen.cancel()
+                raise
+            except StopAsyncIteration:
                 raise
             except Exception as exc:  # the replica died before answering: nothing was sent
                 gen.cancel()
