@@ -1,7 +1,7 @@
 """Prefix-aware routing on a 2-node local Ray cluster, against Serve's default router.
 
-A multi-tenant chat workload: ``--tenants`` tenants (default 8), each with a system prompt of
-1-2k tokens and ``--users`` users (default 2) holding ``--turns``-turn conversations (default
+A multi-tenant chat workload: ``--tenants`` tenants (default 16), each with a system prompt of
+1-2k tokens and ``--users`` users (default 1) holding ``--turns``-turn conversations (default
 3), sent by ``--clients`` concurrent clients (default 2) in a shuffled but fixed order; the
 real ``openai`` client streams every answer. Three runs on the same cluster (2 nodes of 1
 CPU, the same model, fresh caches each):
@@ -16,7 +16,7 @@ p50 TTFT >= 5x better than the default router.
 
 Ray binds to the machine's interface address; the run re-executes itself in a network
 namespace with only loopback (``unshare -n``, root) so that everything stays on 127.0.0.1.
-Usage: ``python bench/cluster.py [--model gemma|tiny|PATH] [--tenants 8] [--seed 0]``.
+Usage: ``python bench/cluster.py [--model gemma|tiny|PATH] [--tenants 16] [--users 1] [--ram-mb 1024] [--seed 0]``.
 """
 
 # ruff: noqa: E402  (the path is fixed before the imports, see below)
@@ -46,15 +46,15 @@ PORT = 18533
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma", help="gemma (default model), tiny (synthetic) or a GGUF path")
-    ap.add_argument("--tenants", type=int, default=8)
-    ap.add_argument("--users", type=int, default=2)
+    ap.add_argument("--tenants", type=int, default=16)
+    ap.add_argument("--users", type=int, default=1, help="conversations per tenant (they share its system prompt)")
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16, help="tokens generated per answer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ram-mb", type=int, default=1024,
-                    help="each replica's ram tier (MB; the only tier). 400 holds about half of the default "
-                         "workload's rows with Gemma 3 270M: the cache of one node is smaller than the working set")
+                    help="each replica's ram tier (MB; the only tier). 160 holds about 14 rows of the default "
+                         "workload with Gemma 3 270M: less than one node's working set, more than half of it")
     ap.add_argument("--prompt-scale", type=float, default=None,
                     help="system prompt length factor (default 1; 0.12 for tiny, which spends a token per byte)")
     ap.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from erllama.cache.key import KeyMeta, prefix_keys
+from erllama.cache.policy import SavePolicy, cold_save_split
 from erllama.model.request import request_key_meta
 from erllama.ray import routing
 
@@ -29,6 +30,7 @@ KEY_BYTES = 8
 
 SESSIONS_KEPT = 10_000
 SENT_TTL_S = 60.0
+COLD = SavePolicy()
 
 
 def short_key(key: bytes) -> str:
@@ -123,9 +125,14 @@ class PrefixRouter(RequestRouter):
         tokens, model = route.get("tokens"), route.get("model")
         meta = self._meta(list(self.curr_replicas.values()), model)
         if tokens and meta is not None:
+            # the whole prompt, and the prefix a cold save of it holds (default policy)
             km = request_key_meta(meta, route.get("namespace"))
-            [(n, key)] = prefix_keys(km, tokens, [len(tokens)])
-            self.sent.setdefault(rid, {})[short_key(key)] = (n, time.monotonic())
+            split = cold_save_split(COLD, tokens)
+            lengths = [len(tokens)] + ([len(split[0])] if split is not None else [])
+            now = time.monotonic()
+            sent = self.sent.setdefault(rid, {})
+            for n, key in prefix_keys(km, tokens, lengths):
+                sent[short_key(key)] = (n, now)
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         """Forget a dead replica's sessions and sent prompts."""
