@@ -202,7 +202,7 @@ class Application:
             km = KeyMeta(fp, quant_byte(quant), ctx_params_hash(**cfg.context_params()), cfg.namespace)
             ref = ModelActor.start(model_id, backend, cfg.prefill_chunk, cache=self.cache, key_meta=km,
                                    policy=cfg.policy or self.config.policy, tier=cfg.tier,
-                                   observed=e.observed,
+                                   observed=e.observed, resident_budget=cfg.resident_budget(),
                                    redirect=lambda req: self._redirect(model_id, req))
         except BaseException:
             backend.close()

@@ -217,6 +217,8 @@ class ModelConfig:
     prefill_chunk: int | None = None
     namespace: bytes | None = None
     pooling: str = "unspecified"
+    resident_seqs: int = 0
+    resident_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _int("n_ctx", self.n_ctx, 1, 1 << 24)
@@ -248,6 +250,11 @@ class ModelConfig:
         if self.namespace is not None and (not isinstance(self.namespace, bytes) or not self.namespace):
             raise errors.ConfigError(f"namespace must be non-empty bytes or None, got {self.namespace!r}")
         _choice("pooling", self.pooling, POOLING)
+        _int("resident_seqs", self.resident_seqs, 0, 256 - self.n_seq_max)
+        if self.resident_tokens is not None:
+            _int("resident_tokens", self.resident_tokens, 1, 1 << 24)
+            if not self.resident_seqs:
+                raise errors.ConfigError(f"resident_tokens={self.resident_tokens!r} needs resident_seqs > 0")
         if self.n_ubatch > self.n_batch:
             object.__setattr__(self, "n_ubatch", self.n_batch)
 
@@ -256,8 +263,21 @@ class ModelConfig:
         """``config`` (or the defaults) with ``overrides`` applied; unknown names raise."""
         return _from_kwargs(cls, config, overrides)
 
+    def resident_budget(self) -> int:
+        """The resident tier's quota in tokens (KV cells): ``resident_tokens``, by default
+        ``resident_seqs`` sequences of the working sequences' size; 0 when the tier is off."""
+        if not self.resident_seqs:
+            return 0
+        if self.resident_tokens is not None:
+            return self.resident_tokens
+        return self.resident_seqs * max(1, self.n_ctx // self.n_seq_max)
+
     def context_params(self) -> dict[str, Any]:
         """The parameters that shape KV bytes, for the cache key's context-shape hash
-        (``n_seq_max`` and ``kv_unified`` included: a state blob records the stream layout)."""
+        (``n_seq_max`` and ``kv_unified`` included: a state blob records the stream layout,
+        so a model with the resident tier, one unified stream, has rows of its own)."""
+        if not self.resident_seqs:
+            return {"type_k": self.type_k, "type_v": self.type_v, "flash_attn": self.flash_attn,
+                    "swa_full": self.swa_full, "n_seq_max": self.n_seq_max, "kv_unified": False}
         return {"type_k": self.type_k, "type_v": self.type_v, "flash_attn": self.flash_attn,
-                "swa_full": self.swa_full, "n_seq_max": self.n_seq_max, "kv_unified": False}
+                "swa_full": self.swa_full, "n_seq_max": self.n_seq_max + self.resident_seqs, "kv_unified": True}

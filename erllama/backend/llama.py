@@ -12,7 +12,24 @@ from erllama import _native as native
 from erllama import errors
 from erllama.checksum import crc32c
 
-__all__ = ["LlamaBackend", "Vocab", "crc32c", "native"]
+__all__ = ["LlamaBackend", "Vocab", "context_shape", "crc32c", "native"]
+
+
+def context_shape(config: Any) -> dict[str, Any]:
+    """The native context's ``n_ctx``, ``n_seq_max`` and ``kv_unified`` for a model config,
+    and the per-sequence size ``n_ctx_seq`` the model actor enforces.
+
+    Without the resident tier: ``n_ctx`` split between ``n_seq_max`` streams, as asked. With
+    it (``resident_seqs > 0``): one unified stream (a copy within a stream shares cells,
+    across streams llama.cpp moves whole buffers and asserts on partial ranges) holding the
+    working sequences' ``n_ctx`` plus the tier's ``resident_tokens``, so spare sequences
+    never take a working sequence's room."""
+    per_seq = max(1, config.n_ctx // config.n_seq_max)
+    r = getattr(config, "resident_seqs", 0)
+    if not r:
+        return {"n_ctx": config.n_ctx, "n_seq_max": config.n_seq_max, "kv_unified": False, "n_ctx_seq": per_seq}
+    return {"n_ctx": per_seq * config.n_seq_max + config.resident_budget(), "n_seq_max": config.n_seq_max + r,
+            "kv_unified": True, "n_ctx_seq": per_seq}
 
 
 class Vocab:
@@ -58,19 +75,24 @@ class LlamaBackend(Vocab):
 
     def __init__(self, path: str | os.PathLike[str], config: Any) -> None:
         self.model = native.Model.load(path, n_gpu_layers=config.n_gpu_layers)
+        shape = context_shape(config)
         try:
             self.ctx = native.Context.create(
-                self.model, n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
-                n_seq_max=config.n_seq_max, n_threads=config.n_threads, type_k=config.type_k,
-                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full)
+                self.model, n_ctx=shape["n_ctx"], n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                n_seq_max=shape["n_seq_max"], n_threads=config.n_threads, type_k=config.type_k,
+                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full,
+                kv_unified=shape["kv_unified"])
         except BaseException:
             self.model.free()
             raise
         self.chat_template = config.chat_template
         self.ftype_name = self.model.ftype_name
         self.n_vocab = self.model.n_vocab
-        self.n_ctx_seq = self.ctx.n_ctx_seq
-        self.n_seq_max = self.ctx.n_seq_max
+        self.n_seq_max = config.n_seq_max
+        self.resident_seqs = tuple(range(config.n_seq_max, self.ctx.n_seq_max))
+        # with the resident tier the stream is shared: each working sequence keeps its own
+        # share of n_ctx, so the spare sequences' budget never takes room from it
+        self.n_ctx_seq = self.ctx.n_ctx_seq if not self.resident_seqs else shape["n_ctx_seq"]
         self.n_batch = self.ctx.n_batch
         self.n_embd = self.model.n_embd
         self._config = config
@@ -117,6 +139,10 @@ class LlamaBackend(Vocab):
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
         return self.ctx.n_past(seq_id)
+
+    def seq_copy(self, src: int, dst: int) -> int:
+        """Share ``src``'s cells with ``dst`` (kv_unified: no data moves)."""
+        return self.ctx.seq_copy(src, dst)
 
     def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
         """Pooled embedding on a dedicated embeddings context (created on first use, one

@@ -104,7 +104,7 @@ class ProcessBackend(RemoteBackend):
         if reply[0] != 0:
             raise wire.decode_error(*reply[1:])
         for name, value in reply[1].items():
-            setattr(self, name, value)
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
 
     def _release(self) -> None:
         self._chan.close()

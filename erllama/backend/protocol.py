@@ -30,6 +30,9 @@ class Backend(Protocol):
     n_seq_max: int
     n_batch: int
     n_embd: int
+    resident_seqs: tuple[int, ...]
+    """Spare sequences for the resident tier (ids after the ``n_seq_max`` working ones;
+    empty when the tier is off). They share one KV stream with the working sequences."""
 
     # vocabulary and text
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -94,6 +97,11 @@ class Backend(Protocol):
 
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
+        ...
+
+    def seq_copy(self, src: int, dst: int) -> int:
+        """Make ``dst`` hold exactly what ``src`` holds (shared KV cells, no data copy);
+        returns the positions copied. Only where :attr:`resident_seqs` is not empty."""
         ...
 
     # embeddings and adapters

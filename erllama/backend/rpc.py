@@ -142,6 +142,7 @@ class RemoteBackend:
     n_seq_max: int
     n_batch: int
     n_embd: int
+    resident_seqs: tuple[int, ...] = ()
 
     def __init__(self, path: str, channel: Channel, shared: SharedState) -> None:
         self.path = path
@@ -322,6 +323,10 @@ class RemoteBackend:
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
         return self._call("n_past", seq_id)
+
+    def seq_copy(self, src: int, dst: int) -> int:
+        """Share ``src``'s cells with ``dst``."""
+        return self._call("seq_copy", src, dst)
 
     def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
         """The pooled embedding of ``tokens`` (float32, ``(n_embd,)``)."""

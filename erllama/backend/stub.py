@@ -46,10 +46,11 @@ class StubBackend:
         self.ftype_name = "all F32"
         self.n_seq_max = config.n_seq_max
         self.n_ctx_seq = max(1, config.n_ctx // config.n_seq_max)
+        self.resident_seqs = tuple(range(config.n_seq_max, config.n_seq_max + getattr(config, "resident_seqs", 0)))
         self.n_batch = config.n_batch
         self.n_embd = 16
         self.adapters: list[tuple[Any, float]] = []
-        self._seqs: list[list[int]] = [[] for _ in range(self.n_seq_max)]
+        self._seqs: list[list[int]] = [[] for _ in range(self.n_seq_max + len(self.resident_seqs))]
         self._logits: dict[int, np.ndarray] = {}
         self._abort = False
         self.closed = False
@@ -60,8 +61,8 @@ class StubBackend:
             raise errors.Released("stub backend was closed")
 
     def _seq(self, seq_id: Any) -> int:
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.n_seq_max:
-            raise errors.InvalidParameter(f"seq_id must be an int in [0, {self.n_seq_max}), got {seq_id!r}")
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < len(self._seqs):
+            raise errors.InvalidParameter(f"seq_id must be an int in [0, {len(self._seqs)}), got {seq_id!r}")
         return seq_id
 
     def _tokens(self, tokens: Any, what: str) -> list[int]:
@@ -202,6 +203,17 @@ class StubBackend:
     def n_past(self, seq_id: int) -> int:
         """Positions ``seq_id`` holds."""
         return len(self._seqs[self._seq(seq_id)])
+
+    def seq_copy(self, src: int, dst: int) -> int:
+        """Copy ``src``'s tokens to ``dst`` (only with resident sequences, as the binding)."""
+        s, d = self._seq(src), self._seq(dst)
+        if s == d:
+            raise errors.InvalidParameter(f"seq_copy needs two different sequences, got {s} twice")
+        if not self.resident_seqs:
+            raise errors.NotSupported("seq_copy needs resident sequences (a kv_unified context)")
+        self._seqs[d] = list(self._seqs[s])
+        self._logits.pop(d, None)
+        return len(self._seqs[d])
 
     def embed(self, tokens: Sequence[int], normalize: bool = True) -> np.ndarray:
         """A deterministic vector from the token ids (the generation sequences are untouched)."""

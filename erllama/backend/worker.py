@@ -39,7 +39,7 @@ from erllama.backend import faults, wire
 
 __all__ = ["ATTRIBUTES", "SavedStates", "Server", "main"]
 
-ATTRIBUTES = ("n_vocab", "ftype_name", "n_ctx_seq", "n_seq_max", "n_batch", "n_embd")
+ATTRIBUTES = ("n_vocab", "ftype_name", "n_ctx_seq", "n_seq_max", "n_batch", "n_embd", "resident_seqs")
 """The backend attributes the ready reply carries."""
 
 ORPHAN_EXIT = 3
@@ -247,6 +247,9 @@ class Server:
 
     def op_n_past(self, seq: int) -> int:
         return self.backend.n_past(seq)
+
+    def op_seq_copy(self, src: int, dst: int) -> int:
+        return self.backend.seq_copy(src, dst)
 
     def op_embed(self, tokens: list[int], normalize: bool) -> bytes:
         return np.ascontiguousarray(self.backend.embed(tokens, normalize), dtype=np.float32).tobytes()

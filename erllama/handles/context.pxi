@@ -253,6 +253,30 @@ cdef class Context:
             self._out_idx[seq_id] = -1
             L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
+    def seq_copy(self, src, dst):
+        """Make ``dst`` hold exactly the positions of ``src`` (what ``dst`` held is removed);
+        returns the positions copied.
+
+        Only in a ``kv_unified`` context, where both sequences live in one KV stream and the
+        copy shares cells: no data moves, whatever the length. Across streams llama.cpp
+        would copy whole stream buffers at the next decode (a state read or write before
+        that sees stale bytes) and asserts (aborts the process) on a partial range, so
+        this method refuses that layout and always copies the full range.
+        """
+        with self._lock:
+            self._ensure_alive()
+            self._check_seq(src)
+            self._check_seq(dst)
+            if src == dst:
+                raise errors.InvalidParameter(f"seq_copy needs two different sequences, got {src} twice")
+            if not self.params["kv_unified"]:
+                raise errors.NotSupported("seq_copy needs a kv_unified context (a copy across KV streams "
+                                          "moves whole buffers later and aborts on partial ranges)")
+            self._out_idx[dst] = -1
+            L.llama_memory_seq_rm(self._mem, dst, -1, -1)
+            L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            return L.llama_memory_seq_pos_max(self._mem, dst) + 1
+
     def clear(self):
         """Remove every sequence."""
         with self._lock:

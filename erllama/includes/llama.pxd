@@ -215,6 +215,7 @@ cdef extern from "llama.h" nogil:
     cbool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1) except +
     llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id) except +
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id) except +
+    void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) except +
 
     size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id) except +
     size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id) except +

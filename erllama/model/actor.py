@@ -78,7 +78,7 @@ class ModelActor(supervision.Actor):
     def __init__(self, model_id: str, backend: Backend, prefill_chunk: int | None = None, *,
                  cache: Any = None, key_meta: KeyMeta | None = None, policy: SavePolicy | None = None,
                  tier: str = "ram", observed: Observed | None = None,
-                 redirect: Any = None) -> None:
+                 redirect: Any = None, resident_budget: int = 0) -> None:
         super().__init__()
         self.model_id = model_id
         self.backend = backend
@@ -92,7 +92,8 @@ class ModelActor(supervision.Actor):
         self.observed.key_meta = key_meta
         self.redirect = redirect
         self.pool = SeqPool(backend)
-        self.saves = Saves(model_id, backend, self.cache, self.policy, tier) if self.cache is not None else None
+        self.saves = Saves(model_id, backend, self.cache, self.policy, tier, resident_budget) \
+            if self.cache is not None else None
         self.running: dict[int, Request] = {}
         self.pending: deque[Request] = deque()
         self.adapters = AdapterSet(backend)

@@ -23,6 +23,7 @@ from erllama.cache import kvc
 from erllama.cache.key import KeyMeta, cache_key
 from erllama.cache.policy import SavePolicy, cold_save_split, should_continued_save, should_finish_save
 from erllama.model.request import Request
+from erllama.model.resident import Entry, Resident
 from erllama.types import Done
 
 __all__ = ["Saves"]
@@ -33,12 +34,16 @@ logger = logging.getLogger("erllama.model")
 class Saves:
     """Restores and saves for one model's backend, through the cache store ``cache``."""
 
-    def __init__(self, model_id: str, backend: Backend, cache: Any, policy: SavePolicy, tier: str) -> None:
+    def __init__(self, model_id: str, backend: Backend, cache: Any, policy: SavePolicy, tier: str,
+                 resident_budget: int = 0) -> None:
         self.model_id = model_id
         self.backend = backend
         self.cache = cache
         self.policy = policy
         self.tier = tier
+        seqs = getattr(backend, "resident_seqs", ())
+        self.resident = Resident(backend, seqs, resident_budget, self._demote, self.cache.counters.add) \
+            if seqs and resident_budget > 0 else None
 
     def warm(self, req: Request, holder: Any) -> tuple[bytes | None, np.ndarray | None]:
         """Restore the best saved row into the request's sequence, or arm the cold saves.
@@ -46,7 +51,15 @@ class Saves:
         Returns the restored row's key (None when cold) and, for an exact hit, the row's
         logits to sample the first token from."""
         st = req.state
-        hit = self.cache.lookup(st.key_meta, st.prompt, parent_key=req.params.parent_key)
+        res = self.resident.find(st.key_meta, st.prompt) if self.resident is not None else None
+        if res is not None and len(res.tokens) == len(st.prompt) and res.logits is not None:
+            hit = None  # an exact resident hit: nothing slower can beat it
+        else:
+            hit = self.cache.lookup(st.key_meta, st.prompt, parent_key=req.params.parent_key)
+        if res is not None and (hit is None or hit.n_tokens <= len(res.tokens)):
+            warm = self._warm_resident(req, res)
+            if warm is not None:
+                return warm
         logits = None
         if hit is not None:
             # verify_late: a disk row's CRC runs while llama copies the KV; nothing restored
@@ -82,11 +95,32 @@ class Saves:
         st.cursor = list(st.prompt[hit.n_tokens:])
         return hit.key, logits
 
+    def _warm_resident(self, req: Request, res: Entry) -> tuple[bytes, np.ndarray | None] | None:
+        """Restore ``res`` into the request's sequence; None when it could not be."""
+        assert self.resident is not None
+        st, n = req.state, len(res.tokens)
+        exact = n == len(st.prompt)
+        if (exact and res.logits is None) or not self.resident.restore(res, st.seq_id):
+            return None
+        st.cache_hit, st.cache_tier, st.cache_read = ("exact" if exact else "partial"), "resident", n
+        st.context = list(st.prompt[:n])
+        st.cursor = list(st.prompt[n:])
+        return res.key, (res.logits.copy() if exact and res.logits is not None else None)
+
+    def _demote(self, e: Entry) -> None:
+        """A resident row leaves: copy it out to the store unless a tier there holds it."""
+        if self.cache.index.lookup_exact(e.key) is None:
+            self.cache.counters.add("resident_demotions", 1)
+            self.save(e.seq, e.tokens, e.meta, kvc.SaveReason.EVICT, e.logits, resident=False)
+
     def save(self, seq: int, tokens: list[int], km: KeyMeta, reason: kvc.SaveReason,
-             logits: np.ndarray | None, *, wait: bool = False) -> Any:
+             logits: np.ndarray | None, *, wait: bool = False, resident: bool = True) -> Any:
         """Hand the sequence's state to the writer pool; returns the row's key (or, with
-        ``wait``, the save's future), or None when nothing was saved."""
+        ``wait``, the save's future), or None when nothing was saved. A cold or finish row
+        is also kept in the resident tier when the model has one (``resident``)."""
         tokens = list(tokens)
+        if resident and self.resident is not None and reason in (kvc.SaveReason.COLD, kvc.SaveReason.FINISH):
+            self.resident.keep(cache_key(km, tokens), seq, tokens, km, logits)
         t0 = time.perf_counter_ns()
         try:
             kv = self.backend.state_get(seq)
@@ -119,8 +153,9 @@ class Saves:
 
     def save_live(self, live: Iterable[tuple[int, list[int], KeyMeta]], reason: kvc.SaveReason,
                   timeout: float = 60.0) -> int:
-        """Synchronously save each ``(seq, tokens, key_meta)`` of ``live`` (``evict``/``shutdown``);
-        returns how many rows were written or already present."""
+        """Synchronously save each ``(seq, tokens, key_meta)`` of ``live`` (``evict``/``shutdown``),
+        and each resident row no store tier holds; returns how many rows were written or
+        already present."""
         futures = []
         for seq, tokens, km in live:
             if not tokens:
@@ -134,6 +169,11 @@ class Saves:
             fut = self.save(seq, tokens, km, reason, logits, wait=True)
             if fut is not None:
                 futures.append(fut)
+        for e in list(self.resident.entries.values()) if self.resident is not None else ():
+            if self.cache.index.lookup_exact(e.key) is None:  # only resident: persist it too
+                fut = self.save(e.seq, e.tokens, e.meta, reason, e.logits, wait=True, resident=False)
+                if fut is not None:
+                    futures.append(fut)
         done = 0
         for fut in futures:
             try:
