@@ -8,6 +8,15 @@ Environment:
                          (default: $XDG_CACHE_HOME/erllama-build or ~/.cache/erllama-build)
   ERLLAMA_AMX            "1" compiles ggml's Intel AMX kernels (off by default: they crash
                          on Q4_K models on some AMX CPUs, llama.cpp#20824)
+  ERLLAMA_CUDA           "1" builds ggml's CUDA backend and links the CUDA runtime into the
+                         extension; "auto" does so when a complete toolkit is found;
+                         "0"/unset: the CPU build
+  ERLLAMA_CUDA_ARCHS     CUDA architectures (CMake list, e.g. "90" or "80;90"); default: the
+                         local GPUs' (nvidia-smi), else CMake's "native"
+  CUDACXX, CUDA_HOME, CUDA_PATH  where nvcc and the toolkit are looked for (then PATH)
+
+After linking, the extension must need the shared libstdc++.so.6: a module that carries its
+own static copy is refused (two libstdc++ copies in one process crash, see check_libstdcxx).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import platform
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -26,6 +36,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -233,8 +244,337 @@ def _compiler_accepts(flags: list[str]) -> bool:
 
 
 def cmake_args() -> list[str]:
-    """The CMake arguments of the llama.cpp build: the fixed ones, the CPU flags, then the user's."""
-    return BASE_CMAKE_ARGS + cpu_flag_args() + shlex.split(os.environ.get("ERLLAMA_CMAKE_ARGS", ""))
+    """The CMake arguments of the llama.cpp build: the fixed ones, the CPU flags, the CUDA ones
+    (only when ``ERLLAMA_CUDA`` asks for them), then the user's."""
+    toolkit = cuda_toolkit() if cuda_requested() else None
+    cuda = cuda_cmake_args(toolkit, cuda_archs()) if toolkit else []
+    user = shlex.split(os.environ.get("ERLLAMA_CMAKE_ARGS", ""))
+    if not toolkit and "-DGGML_CUDA=ON" in user:
+        log("warning: ERLLAMA_CMAKE_ARGS turns GGML_CUDA on but ERLLAMA_CUDA is off: the extension "
+            "will not be linked against the CUDA libraries; set ERLLAMA_CUDA=1 instead")
+    return BASE_CMAKE_ARGS + cpu_flag_args() + cuda + user
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+CUDA_RUNTIME_LIBS = ("cudart", "cublas", "cublasLt")  # from the toolkit; libcuda comes from the driver
+CUDA_DEFAULT_HOMES = ("/usr/local/cuda",)
+
+
+class CudaToolkit(NamedTuple):
+    """Where the CUDA toolkit's pieces are: ``nvcc``, the toolkit root, its library directory
+    (libcudart, libcublas, libcublasLt), the directory whose ``libcuda.so`` the link uses (the
+    toolkit's stubs, or the driver's), and the driver's directory (for the rpath; None when
+    the dynamic loader's cache does not list libcuda.so.1)."""
+
+    nvcc: Path
+    home: Path
+    lib_dir: Path
+    link_driver_dir: Path
+    driver_dir: Path | None
+
+
+def cuda_mode() -> str:
+    """``ERLLAMA_CUDA`` as ``"off"`` (unset, empty, 0/off/false/no), ``"on"`` (1/on/true/yes)
+    or ``"auto"`` (on when a complete toolkit is found); anything else is refused."""
+    value = os.environ.get("ERLLAMA_CUDA", "").strip().lower()
+    if value in ("", "0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value == "auto":
+        return "auto"
+    raise BuildError(f"ERLLAMA_CUDA={os.environ['ERLLAMA_CUDA']!r} is neither on (1/on/true/yes), "
+                     "off (0/off/false/no) nor auto")
+
+
+def cuda_requested() -> bool:
+    """True when this build is a CUDA build: ``ERLLAMA_CUDA=1``, or ``auto`` and a complete
+    toolkit is found (``auto`` with none, or an incomplete one, is the CPU build, logged)."""
+    mode = cuda_mode()
+    if mode != "auto":
+        return mode == "on"
+    try:
+        cuda_toolkit()
+    except BuildError as exc:
+        log(f"ERLLAMA_CUDA=auto: building for the CPU ({exc})")
+        return False
+    return True
+
+
+def _nvcc_candidates() -> list[tuple[str, Path | None]]:
+    """(where, path) for each place nvcc is looked for, in order."""
+    out: list[tuple[str, Path | None]] = []
+    if os.environ.get("CUDACXX"):
+        out.append(("$CUDACXX", Path(os.environ["CUDACXX"])))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            out.append((f"${var}/bin/nvcc", Path(os.environ[var]) / "bin" / "nvcc"))
+    found = shutil.which("nvcc")
+    out.append(("nvcc on $PATH", Path(found) if found else None))
+    out += [(f"{home}/bin/nvcc", Path(home) / "bin" / "nvcc") for home in CUDA_DEFAULT_HOMES]
+    return out
+
+
+def find_nvcc() -> Path | None:
+    """The CUDA compiler: ``$CUDACXX``, ``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc``, nvcc
+    on the PATH, then the default install location; None when none is an executable file."""
+    for _, path in _nvcc_candidates():
+        if path is not None and path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _missing_nvcc_error() -> BuildError:
+    looked = ", ".join(where + (f" ({path})" if path and not where.endswith(str(path)) else "")
+                       for where, path in _nvcc_candidates())
+    return BuildError(
+        f"ERLLAMA_CUDA={os.environ.get('ERLLAMA_CUDA', '')} asks for a CUDA build, but nvcc (the CUDA "
+        f"compiler) was not found; looked at: {looked}. Install the CUDA toolkit and set CUDA_HOME "
+        "to it (or CUDACXX to its nvcc), or unset ERLLAMA_CUDA for a CPU build.")
+
+
+def cuda_home(nvcc: Path) -> Path:
+    """The toolkit root: ``$CUDA_HOME``/``$CUDA_PATH`` when set, else the directory above nvcc's
+    (symbolic links resolved), else the ``TOP`` nvcc itself reports (nvcc as a wrapper script)."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return Path(env)
+    home = nvcc.resolve().parent.parent
+    if find_shared_lib(_cuda_lib_dirs(home), "cudart") is None:
+        try:
+            res = subprocess.run([str(nvcc), "-v", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            m = re.search(r"^#\$ TOP=(.+)$", res.stdout + res.stderr, re.MULTILINE)
+        except (OSError, subprocess.TimeoutExpired):
+            m = None
+        if m:
+            home = Path(m.group(1).strip()).resolve()
+    return home
+
+
+def _cuda_lib_dirs(home: Path) -> list[Path]:
+    """The toolkit's library directories, in the order they are searched."""
+    return [home / "lib64", home / "lib", *sorted(home.glob("targets/*/lib")),
+            *sorted(home.glob("lib/*-linux-gnu"))]
+
+
+def find_shared_lib(dirs: list[Path], name: str) -> Path | None:
+    """``lib<name>.so`` (or a versioned ``lib<name>.so.N``) in the first of ``dirs`` that has it."""
+    for d in dirs:
+        for cand in [d / f"lib{name}.so", *sorted(d.glob(f"lib{name}.so.*"))]:
+            if cand.is_file():
+                return cand
+    return None
+
+
+def parse_ldconfig(text: str, soname: str) -> Path | None:
+    """The directory ``ldconfig -p`` output lists ``soname`` in (the first 64-bit entry)."""
+    hits = [ln for ln in text.splitlines() if ln.strip().startswith(soname + " ") and "=>" in ln]
+    hits.sort(key=lambda ln: "x86-64" not in ln and "64" not in ln)
+    return Path(hits[0].split("=>", 1)[1].strip()).parent if hits else None
+
+
+def driver_lib_dir() -> Path | None:
+    """The directory of the driver's ``libcuda.so.1``, from the dynamic loader's cache."""
+    ldconfig = shutil.which("ldconfig") or next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+                                                 if Path(p).exists()), None)
+    if not ldconfig:
+        return None
+    res = subprocess.run([ldconfig, "-p"], capture_output=True, text=True)
+    return parse_ldconfig(res.stdout, "libcuda.so.1") if res.returncode == 0 else None
+
+
+def cuda_toolkit() -> CudaToolkit:
+    """Find nvcc, the toolkit's runtime libraries and a libcuda to link; a clear BuildError
+    names what is missing."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise _missing_nvcc_error()
+    home = cuda_home(nvcc)
+    dirs = _cuda_lib_dirs(home)
+    found = {name: find_shared_lib(dirs, name) for name in CUDA_RUNTIME_LIBS}
+    missing = [f"lib{n}.so" for n, p in found.items() if p is None]
+    if missing:
+        raise BuildError(f"the CUDA toolkit at {home} (nvcc {nvcc}) lacks {', '.join(missing)}; looked in "
+                         f"{', '.join(str(d) for d in dirs)}. Set CUDA_HOME to a complete toolkit.")
+    lib_dir = Path(str(found["cudart"])).parent
+    driver = driver_lib_dir()
+    stubs = [d / "stubs" for d in dirs]
+    link_driver = find_shared_lib(stubs + ([driver] if driver else []), "cuda")
+    if link_driver is None:
+        raise BuildError(f"no libcuda.so to link against: neither the toolkit's stubs "
+                         f"({', '.join(str(d) for d in stubs if d.parent.exists())}) nor the driver "
+                         "(ldconfig -p lists no libcuda.so.1). Install the NVIDIA driver or a complete toolkit.")
+    return CudaToolkit(nvcc=nvcc, home=home, lib_dir=lib_dir, link_driver_dir=link_driver.parent,
+                       driver_dir=driver)
+
+
+def parse_compute_caps(text: str) -> list[str]:
+    """``nvidia-smi --query-gpu=compute_cap`` lines (``9.0``) as CMake architectures (``90``),
+    each once, in order."""
+    archs: list[str] = []
+    for line in text.split():
+        m = re.fullmatch(r"(\d+)\.(\d+)", line.strip())
+        if m and m.group(1) + m.group(2) not in archs:
+            archs.append(m.group(1) + m.group(2))
+    return archs
+
+
+def local_gpu_archs() -> list[str]:
+    """The local GPUs' architectures from nvidia-smi ([] when it is absent or fails)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        res = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_compute_caps(res.stdout) if res.returncode == 0 else []
+
+
+def cmake_version() -> tuple[int, ...]:
+    """The version of the cmake on the PATH, as a tuple ((0,) when unknown)."""
+    cmake = shutil.which("cmake")
+    out = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout if cmake else ""
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else (0,)
+
+
+def cuda_archs() -> str:
+    """``CMAKE_CUDA_ARCHITECTURES``: ``$ERLLAMA_CUDA_ARCHS``, else the local GPUs' (one build for
+    this machine, not ggml's long default list), else ``native`` (CMake >= 3.24 asks the GPU)."""
+    env = os.environ.get("ERLLAMA_CUDA_ARCHS", "").strip()
+    if env:
+        return ";".join(a for a in re.split(r"[;,\s]+", env) if a)
+    archs = local_gpu_archs()
+    if archs:
+        return ";".join(archs)
+    if cmake_version() >= (3, 24):
+        return "native"
+    raise BuildError("cannot tell which CUDA architectures to build for: nvidia-smi reports no GPU and "
+                     "this CMake is older than 3.24 (no 'native'). Set ERLLAMA_CUDA_ARCHS, e.g. 90 for H100/H200.")
+
+
+def cuda_cmake_args(tk: CudaToolkit, archs: str) -> list[str]:
+    """The CMake arguments of a CUDA build: ggml's CUDA backend for ``archs``, compiled by this
+    nvcc against this toolkit (CMake's FindCUDAToolkit then finds the same libraries), without
+    NCCL (the extension does not link it)."""
+    return ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={tk.nvcc}",
+            f"-DCUDAToolkit_ROOT={tk.home}", "-DGGML_CUDA_NCCL=OFF",
+            f"-DCMAKE_LIBRARY_PATH={tk.link_driver_dir}"]
+
+
+def parse_cmake_cuda_libs(cache_text: str) -> dict[str, Path]:
+    """The libraries FindCUDAToolkit chose, from a CMakeCache.txt: ``{"cudart": path, ...,
+    "cuda": path}`` (``CUDA_<name>_LIBRARY``; ``cuda`` is ``CUDA_cuda_driver_LIBRARY``)."""
+    out: dict[str, Path] = {}
+    for name, var in [*((n, f"CUDA_{n}_LIBRARY") for n in CUDA_RUNTIME_LIBS), ("cuda", "CUDA_cuda_driver_LIBRARY")]:
+        m = re.search(rf"^{re.escape(var)}:FILEPATH=(.+)$", cache_text, re.MULTILINE)
+        if m and not m.group(1).strip().endswith("-NOTFOUND"):
+            out[name] = Path(m.group(1).strip())
+    return out
+
+
+def cuda_link(tk: CudaToolkit, cmake_libs: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """How the extension links the CUDA libraries: ``libraries`` (-l names: cudart, cublas,
+    cublasLt, cuda), ``library_dirs`` (where the link finds them: FindCUDAToolkit's choice when
+    given, else the toolkit's directory and the stubs/driver directory) and ``rpaths`` (where
+    the loader finds them at run time: the toolkit's directory and the driver's, never the stubs)."""
+    cmake_libs = cmake_libs or {}
+    dirs = [str(cmake_libs[n].parent) if n in cmake_libs else str(tk.lib_dir) for n in CUDA_RUNTIME_LIBS]
+    dirs.append(str(cmake_libs["cuda"].parent) if "cuda" in cmake_libs else str(tk.link_driver_dir))
+    rpaths = [str(tk.lib_dir), *([str(tk.driver_dir)] if tk.driver_dir else [])]
+    return {"libraries": [*CUDA_RUNTIME_LIBS, "cuda"], "library_dirs": list(dict.fromkeys(dirs)),
+            "rpaths": list(dict.fromkeys(rpaths))}
+
+
+def cuda_link_args(link: dict[str, list[str]]) -> list[str]:
+    """Linker arguments for ``cuda_link``'s result. The ``-l`` options go after the static
+    llama.cpp libraries (so an ``--as-needed`` linker keeps them), with ``-L`` and rpaths."""
+    return ([f"-L{d}" for d in link["library_dirs"]] + [f"-l{n}" for n in link["libraries"]]
+            + [f"-Wl,-rpath,{d}" for d in link["rpaths"]])
+
+
+# ---- the built module's C++ runtime ---------------------------------------------------------------
+
+# symbols only libstdc++/libsupc++ itself defines: a module defining them carries its own copy
+LIBSTDCXX_RUNTIME_SYMBOLS = frozenset({"__gxx_personality_v0", "__cxa_throw", "__cxa_begin_catch"})
+# C++ code: the std namespace, operator new/delete, the C++ exception personality (not __cxa_atexit
+# or __cxa_finalize, which every C module refers to)
+_CXX_SYMBOL = re.compile(r"^(_ZNSt|_ZNKSt|_ZSt|_Znw|_Zna|_Zdl|_Zda|__gxx_personality_v0$)")
+
+
+def elf_dynamic_info(path: Path) -> tuple[list[str], set[str], set[str]]:
+    """Read an ELF shared object: (DT_NEEDED names, defined symbol names, undefined symbol
+    names), symbols from ``.dynsym`` and ``.symtab``. Pure Python, 32/64-bit, either byte order."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF":
+        raise BuildError(f"{path} is not an ELF file")
+    is64, end = data[4] == 2, "<" if data[5] == 1 else ">"
+    # e_shoff, then e_shentsize and e_shnum; a section header, a dynamic entry, a symbol's name and shndx
+    shoff = struct.unpack_from(end + ("Q" if is64 else "I"), data, 0x28 if is64 else 0x20)[0]
+    shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A if is64 else 0x2E)
+    shfmt, dynfmt = (end + "IIQQQQIIQQ", end + "qQ") if is64 else (end + "IIIIIIIIII", end + "iI")
+    shndx_at = 6 if is64 else 14
+    sections = [struct.unpack_from(shfmt, data, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(strtab: int, off: int) -> str:
+        start = sections[strtab][4] + off
+        return data[start:data.index(b"\0", start)].decode("utf-8", "replace")
+
+    needed: list[str] = []
+    defined: set[str] = set()
+    undefined: set[str] = set()
+    for _, sh_type, _, _, off, size, link, _, _, entsize in sections:
+        if sh_type == 6:  # SHT_DYNAMIC
+            step = struct.calcsize(dynfmt)
+            for tag, val in struct.iter_unpack(dynfmt, data[off:off + size - size % step]):
+                if tag == 0:  # DT_NULL
+                    break
+                if tag == 1:  # DT_NEEDED
+                    needed.append(cstr(link, val))
+        elif sh_type in (2, 11) and entsize:  # SHT_SYMTAB, SHT_DYNSYM
+            for base in range(off + entsize, off + size - entsize + 1, entsize):
+                name = struct.unpack_from(end + "I", data, base)[0]
+                shndx = struct.unpack_from(end + "H", data, base + shndx_at)[0]
+                if name:
+                    (undefined if shndx == 0 else defined).add(cstr(link, name))
+    return needed, defined, undefined
+
+
+def check_libstdcxx(module: Path, compiler: str | None = None) -> None:
+    """Refuse a C++ module that carries libstdc++ statically: it must list the shared
+    ``libstdc++.so.6`` among its DT_NEEDED and must not define libstdc++'s own runtime symbols.
+    A process with two libstdc++ copies (this module's, and the one numpy or another extension
+    loads) crashes; the H200 build with an alternative GCC segfaulted at the first model load."""
+    needed, defined, undefined = elf_dynamic_info(module)
+    shared = any(n.startswith("libstdc++.so") for n in needed)
+    own_runtime = sorted(LIBSTDCXX_RUNTIME_SYMBOLS & defined)
+    is_cxx = bool(own_runtime) or any(_CXX_SYMBOL.match(s) for s in defined | undefined)
+    if not is_cxx or (shared and not own_runtime):
+        return
+    reasons = [f"it defines libstdc++'s runtime symbols ({', '.join(own_runtime)})"] if own_runtime else []
+    if not shared:
+        reasons.append(f"it does not need libstdc++.so.6 (DT_NEEDED: {', '.join(needed) or 'none'})")
+    why = " and ".join(reasons)
+    cxx = compiler or os.environ.get("CXX") or shutil.which("c++") or "c++"
+    raise BuildError(
+        f"{module.name} links libstdc++ statically: {why}. Two libstdc++ copies in one process crash "
+        f"(e.g. once numpy is imported). The C++ compiler was {cxx!r}: build with the system g++ "
+        "(CC=/usr/bin/gcc CXX=/usr/bin/g++, and CUDAHOSTCXX=/usr/bin/g++ for CUDA) and drop any "
+        "-static-libstdc++ from the flags (LDFLAGS, ERLLAMA_LINK_ARGS).")
+
+
+def check_cuda_needed(module: Path) -> None:
+    """A CUDA build's module must need the CUDA runtime, cuBLAS and the driver library."""
+    needed = elf_dynamic_info(module)[0]
+    missing = [f"lib{n}.so" for n in (*CUDA_RUNTIME_LIBS, "cuda")
+               if not any(x.startswith(f"lib{n}.so") for x in needed)]
+    if missing:
+        raise BuildError(f"{module.name} was built with CUDA but does not need {', '.join(missing)} "
+                         f"(DT_NEEDED: {', '.join(needed)}): the CUDA libraries were not linked.")
 
 
 def machine_id() -> str:
@@ -273,11 +613,17 @@ def _cpu_model() -> str:
     return model or platform.processor() or "unknown"
 
 
+def build_key(source_id: str, args: list[str]) -> str:
+    """The build cache key: the source, the CMake arguments (CPU and CUDA flags) and the machine."""
+    return hashlib.sha256(json.dumps([source_id, args, machine_id()]).encode()).hexdigest()[:20]
+
+
 def build_llama() -> dict:
     """Build (or reuse from the cache) the static llama.cpp libraries; return link info."""
     src, source_id = llama_source()
     args = cmake_args()
-    key = hashlib.sha256(json.dumps([source_id, args, machine_id()]).encode()).hexdigest()[:20]
+    toolkit = cuda_toolkit() if cuda_requested() else None
+    key = build_key(source_id, args)
     out = cache_root() / f"llama-{key}"
     info_file = out / "build.json"
     if info_file.exists():
@@ -287,6 +633,7 @@ def build_llama() -> dict:
             info["key"] = key
             info["src"] = str(src)
             info["openmp"] = uses_openmp(info["libs"])
+            info.setdefault("cuda", None)
             return info
     cmake = shutil.which("cmake")
     if not cmake:
@@ -309,7 +656,12 @@ def build_llama() -> dict:
         dst = staging / "lib" / a.name
         shutil.copy2(a, dst)
         libs.append(str(out / "lib" / a.name))
-    info = {"libs": libs, "cmake_args": args, "source": source_id, "key": key}
+    cuda = None
+    if toolkit:  # link what FindCUDAToolkit found for the build itself
+        cache_file = work / "CMakeCache.txt"
+        cuda = cuda_link(toolkit, parse_cmake_cuda_libs(cache_file.read_text() if cache_file.exists() else ""))
+        cuda["archs"] = next(a.split("=", 1)[1] for a in args if a.startswith("-DCMAKE_CUDA_ARCHITECTURES="))
+    info = {"libs": libs, "cmake_args": args, "source": source_id, "key": key, "cuda": cuda}
     (staging / "build.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -350,6 +702,7 @@ def write_build_info(info: dict, gen_dir: Path) -> Path:
         "amx_requested": amx_requested(),
         "no_amx_flags": any(NO_AMX_FLAGS in a for a in info["cmake_args"]),
         "openmp": info["openmp"],
+        "cuda": info.get("cuda"),
         "machine": platform.machine(),
         "compiler": _compiler_version(),
         "built_for_cpu": _cpu_model(),
@@ -397,12 +750,36 @@ class BuildExt(build_ext):
         link = ["-Wl,--start-group", *link_order(info["libs"]), "-Wl,--end-group", "-lstdc++", "-lm", "-pthread"]
         if info["openmp"]:
             link.append("-fopenmp")
+        if info.get("cuda"):
+            link += cuda_link_args(info["cuda"])
         link += shlex.split(os.environ.get("ERLLAMA_LINK_ARGS", ""))
         for ext in self.extensions:
             ext.include_dirs += [str(header.parent), str(src / "include"), str(src / "ggml" / "include")]
             ext.extra_link_args += link
             ext.depends += [*info["libs"], str(header)]
         super().run()
+        # the C++ module is linked by the C++ compiler (distutils puts $CXX in front of the link)
+        linker = getattr(self.compiler, "compiler_cxx", None) or getattr(self.compiler, "linker_so", None)
+        compiler = linker[0] if linker else None
+        for ext in self.extensions:
+            check_module(Path(self.get_ext_fullpath(ext.name)), cuda=bool(info.get("cuda")),
+                         compiler=compiler)
+
+
+def check_module(module: Path, *, cuda: bool, compiler: str | None = None) -> None:
+    """The linked module's dependencies: the shared libstdc++, and for CUDA the CUDA libraries.
+    A refused module is deleted, so that nothing imports it."""
+    if not module.exists():
+        log(f"warning: {module} not found, its dependencies were not checked")
+        return
+    try:
+        check_libstdcxx(module, compiler)
+        if cuda:
+            check_cuda_needed(module)
+    except BuildError:
+        module.unlink()
+        raise
+    log(f"{module.name} needs the shared libstdc++{' and the CUDA libraries' if cuda else ''}")
 
 
 def extensions():

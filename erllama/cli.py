@@ -76,6 +76,10 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
@@ -97,6 +101,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(f"compiler    {build.get('compiler', '?')}; built on {build.get('built_for_cpu', '?')}")
         print(f"amx         cpu has it: {amx['cpu_has']}; kernels compiled: {amx['compiled']}; "
               f"requested (ERLLAMA_AMX): {amx['requested']}")
+        print(f"backends    {' '.join(info['backends']) or '?'}")
+        cuda = build.get("cuda")
+        gpus = ", ".join(d["name"] for d in info["gpu"])
+        print(f"gpu         {gpus or 'none'}" + (f" (CUDA build for architectures {cuda['archs']})" if cuda else ""))
+        print("devices")
+        for d in info["devices"]:
+            print(f"  {d['name']:<10} {d['type']:<5} {d['description']}: {_gib(d['free'])} free of "
+                  f"{_gib(d['total'])}")
         check = info.get("selfcheck")
         if check is not None:
             if check["ok"]:

@@ -2,7 +2,8 @@
 
 ``system_info()`` (also ``erllama.system_info()``) gathers llama.cpp's own system info, the
 facts setup.py recorded at build time (source id, CMake arguments, build-cache key), the CPU
-and its features, and, unless asked not to, the self-check (``backend.selfcheck``).
+and its features, the ggml backends compiled in and their devices (free and total memory),
+and, unless asked not to, the self-check (``backend.selfcheck``).
 ``erllama doctor`` prints it.
 """
 
@@ -15,7 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_info", "compiled_features", "cpu_flags", "cpu_model", "llama_system_info", "system_info"]
+__all__ = ["backends", "build_info", "compiled_features", "cpu_flags", "cpu_model", "devices", "llama_system_info",
+           "system_info"]
 
 # CPU flags (as /proc/cpuinfo spells them) that ggml's kernels use, shown by `erllama doctor`
 _RELEVANT = ("sse3", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2", "avx_vnni", "avx512f", "avx512bw",
@@ -69,10 +71,32 @@ def compiled_features() -> dict[str, bool]:
     return out
 
 
+def backends() -> list[str]:
+    """The ggml backends compiled in (``["CPU"]`` for a CPU build, ``["CUDA", "CPU"]`` with CUDA)."""
+    from erllama.backend.llama import native
+
+    try:
+        return native.backends()
+    except AttributeError:  # an extension built before backends() existed
+        return [part.split(":", 1)[0].strip() for part in llama_system_info().split("|") if ":" in part]
+
+
+def devices() -> list[dict[str, Any]]:
+    """Every ggml device, the CPU included: ``name``, ``description``, ``type``
+    (cpu/gpu/igpu/accel), ``backend``, ``free`` and ``total`` memory in bytes."""
+    from erllama.backend.llama import native
+
+    try:
+        return native.devices()
+    except AttributeError:  # an extension built before devices() existed: the non-CPU ones
+        return [{**d, "backend": "?"} for d in native.device_memory()]
+
+
 def build_info() -> dict[str, Any]:
     """What setup.py recorded when it built the extension: ``source`` (the llama.cpp source
     id), ``cmake_args``, ``cache_key`` and ``cache_dir`` (the build cache entry),
-    ``amx_requested``, ``no_amx_flags``, ``openmp``, ``compiler`` and ``built_for_cpu``."""
+    ``amx_requested``, ``no_amx_flags``, ``openmp``, ``cuda`` (None, or the CUDA build's
+    ``archs``, ``libraries``, ``library_dirs`` and ``rpaths``), ``compiler`` and ``built_for_cpu``."""
     from erllama.backend.llama import native
 
     try:
@@ -87,12 +111,15 @@ def system_info(*, check: bool = True, refresh: bool = False) -> dict[str, Any]:
     ``check`` includes the runtime self-check (from its cache, or a child process started
     now; ``refresh=True`` always starts one). The ``amx`` entry says whether the CPU has AMX,
     whether the build compiled ggml's AMX kernels, and whether they were requested.
+    ``backends`` names the ggml backends compiled in, ``devices`` lists every device with its
+    free and total memory, and ``gpu`` the devices that are not the CPU (empty on a CPU build).
     """
     from erllama._version import __version__
 
     flags = cpu_flags()
     compiled = compiled_features()
     build = build_info()
+    devs = devices()
     info: dict[str, Any] = {
         "erllama": __version__,
         "python": sys.version.split()[0],
@@ -103,6 +130,9 @@ def system_info(*, check: bool = True, refresh: bool = False) -> dict[str, Any]:
         "build": build,
         "amx": {"cpu_has": "amx_int8" in flags, "compiled": compiled.get("AMX_INT8", False),
                 "requested": bool(build.get("amx_requested", False))},
+        "backends": backends(),
+        "devices": devs,
+        "gpu": [d for d in devs if d["type"] != "cpu"],
     }
     if check:
         from erllama.backend import selfcheck

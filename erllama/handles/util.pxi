@@ -151,3 +151,38 @@ cdef inline int _check_choice(object value, str name, dict choices) except -1:
     if not ok:
         raise errors.InvalidParameter(f"{name} must be one of {sorted(map(str, choices))}, got {value!r}")
     return 0
+
+
+_DEVICE_TYPES = {L.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", L.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+                 L.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", L.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
+
+
+def backends():
+    """The names of the ggml backends compiled in and registered (``["CPU"]``, ``["CUDA", "CPU"]``)."""
+    cdef size_t i
+    backend_init()
+    return [(<bytes>L.ggml_backend_reg_name(L.ggml_backend_reg_get(i))).decode("utf-8", "replace")
+            for i in range(L.ggml_backend_reg_count())]
+
+
+def devices():
+    """Every ggml device, the CPU included, as a list of dicts: ``name``, ``description``,
+    ``type`` (cpu/gpu/igpu/accel), ``backend`` (its backend's name), ``free`` and ``total``
+    memory in bytes (for the CPU device, the host's as ggml reports it)."""
+    cdef size_t i, free_b, total_b
+    cdef L.ggml_backend_dev_t dev
+    backend_init()
+    out = []
+    for i in range(L.ggml_backend_dev_count()):
+        dev = L.ggml_backend_dev_get(i)
+        free_b = total_b = 0
+        L.ggml_backend_dev_memory(dev, &free_b, &total_b)
+        out.append({
+            "name": (<bytes>L.ggml_backend_dev_name(dev)).decode("utf-8", "replace"),
+            "description": (<bytes>L.ggml_backend_dev_description(dev)).decode("utf-8", "replace"),
+            "type": _DEVICE_TYPES.get(L.ggml_backend_dev_get_type(dev), "unknown"),
+            "backend": (<bytes>L.ggml_backend_reg_name(L.ggml_backend_dev_backend_reg(dev))).decode("utf-8", "replace"),
+            "free": free_b,
+            "total": total_b,
+        })
+    return out

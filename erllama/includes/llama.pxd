@@ -36,6 +36,9 @@ cdef extern from "ggml-backend.h" nogil:
     ctypedef struct ggml_backend_device:
         pass
     ctypedef ggml_backend_device * ggml_backend_dev_t
+    ctypedef struct ggml_backend_reg:
+        pass
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
 
     enum ggml_backend_dev_type:
         GGML_BACKEND_DEVICE_TYPE_CPU
@@ -49,6 +52,10 @@ cdef extern from "ggml-backend.h" nogil:
     const char * ggml_backend_dev_description(ggml_backend_dev_t device) except +
     void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total) except +
     ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device) except +
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device) except +
+    size_t ggml_backend_reg_count() except +
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index) except +
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg) except +
 
 
 cdef extern from "llama.h" nogil:
