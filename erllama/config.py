@@ -280,4 +280,4 @@ class ModelConfig:
             return {"type_k": self.type_k, "type_v": self.type_v, "flash_attn": self.flash_attn,
                     "swa_full": self.swa_full, "n_seq_max": self.n_seq_max, "kv_unified": False}
         return {"type_k": self.type_k, "type_v": self.type_v, "flash_attn": self.flash_attn,
-                "swa_full": self.swa_full, "n_seq_max": self.n_seq_max + self.resident_seqs, "kv_unified": True}
+                "swa_full": True, "n_seq_max": self.n_seq_max + self.resident_seqs, "kv_unified": True}

@@ -73,9 +73,11 @@ def test_seq_copy_guards_reach_no_native_assert(tiny_model, tiny_ctx):
 
 def test_context_shape_keeps_each_working_sequence_its_room():
     plain = ModelConfig(n_ctx=4096, n_seq_max=4)
-    assert context_shape(plain) == {"n_ctx": 4096, "n_seq_max": 4, "kv_unified": False, "n_ctx_seq": 1024}
+    assert context_shape(plain) == {"n_ctx": 4096, "n_seq_max": 4, "kv_unified": False, "n_ctx_seq": 1024,
+                                    "swa_full": False}
     res = ModelConfig(n_ctx=4096, n_seq_max=4, resident_seqs=2)
-    assert context_shape(res) == {"n_ctx": 4096 + 2 * 1024, "n_seq_max": 6, "kv_unified": True, "n_ctx_seq": 1024}
+    assert context_shape(res) == {"n_ctx": 4096 + 2 * 1024, "n_seq_max": 6, "kv_unified": True, "n_ctx_seq": 1024,
+                                  "swa_full": True}
     assert context_shape(ModelConfig(n_ctx=4096, n_seq_max=4, resident_seqs=3, resident_tokens=500))["n_ctx"] == 4596
     # rows of a unified context are not interchangeable with split-stream ones: another key
     assert plain.context_params() != ModelConfig(n_ctx=4096, n_seq_max=4, resident_seqs=1).context_params()
@@ -187,3 +189,16 @@ def test_resident_hit_on_gemma(app, gemma_path):
     warm = erllama.complete(mid, toks, max_tokens=10, temperature=0)
     assert cold.cache_hit == "cold" and warm.cache_delta.tier == "resident"
     assert warm.tokens == cold.tokens and warm.text == cold.text
+
+
+def test_gemma_sliding_window_layers_keep_room_beside_resident_rows(app, gemma_path):
+    # Gemma's sliding-window cache, unified, would hold n_swa cells per sequence plus one
+    # ubatch: too few for rows sharing cells while a long prompt prefills (measured: "no KV
+    # slot" at 4096 tokens); the tier makes it full size
+    mid = erllama.load_model(gemma_path, n_ctx=4096, n_seq_max=2, n_threads=2, resident_seqs=2, n_batch=512,
+                             isolation="none")
+    for i in range(2):
+        erllama.complete(mid, [1000 + 7 * j + i for j in range(600)], max_tokens=2, temperature=0)
+    assert erllama.cache.counters()["resident_kept"] >= 2
+    done = erllama.complete(mid, [2000 + j for j in range(2000)], max_tokens=4, temperature=0)
+    assert done.cache_hit == "cold" and done.stats.completion_tokens >= 1

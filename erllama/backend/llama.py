@@ -23,13 +23,16 @@ def context_shape(config: Any) -> dict[str, Any]:
     it (``resident_seqs > 0``): one unified stream (a copy within a stream shares cells,
     across streams llama.cpp moves whole buffers and asserts on partial ranges) holding the
     working sequences' ``n_ctx`` plus the tier's ``resident_tokens``, so spare sequences
-    never take a working sequence's room."""
+    never take a working sequence's room, and a full-size sliding-window cache (``swa_full``)."""
     per_seq = max(1, config.n_ctx // config.n_seq_max)
     r = getattr(config, "resident_seqs", 0)
     if not r:
-        return {"n_ctx": config.n_ctx, "n_seq_max": config.n_seq_max, "kv_unified": False, "n_ctx_seq": per_seq}
+        return {"n_ctx": config.n_ctx, "n_seq_max": config.n_seq_max, "kv_unified": False, "n_ctx_seq": per_seq,
+                "swa_full": config.swa_full}
+    # a unified sliding-window cache holds n_swa cells per sequence plus one ubatch, less
+    # than sequences that share cells and prefill at once can need: full size, like the rest
     return {"n_ctx": per_seq * config.n_seq_max + config.resident_budget(), "n_seq_max": config.n_seq_max + r,
-            "kv_unified": True, "n_ctx_seq": per_seq}
+            "kv_unified": True, "n_ctx_seq": per_seq, "swa_full": True}
 
 
 class Vocab:
@@ -80,7 +83,7 @@ class LlamaBackend(Vocab):
             self.ctx = native.Context.create(
                 self.model, n_ctx=shape["n_ctx"], n_batch=config.n_batch, n_ubatch=config.n_ubatch,
                 n_seq_max=shape["n_seq_max"], n_threads=config.n_threads, type_k=config.type_k,
-                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=config.swa_full,
+                type_v=config.type_v, flash_attn=config.flash_attn, swa_full=shape["swa_full"],
                 kv_unified=shape["kv_unified"])
         except BaseException:
             self.model.free()
