@@ -126,11 +126,12 @@ def test_eviction_is_lru_and_demotes_rows_the_store_lost(app, tiny_path):
     assert store.flush(10)
     c = erllama.cache.counters()
     assert c["resident_evictions"] > c0["resident_evictions"] and c["resident_demotions"] == 1
-    # A's finished context (prompt and answer) came back to the store from the resident tier
+    # A's resident row (one of its saves) came back to the store, and restores exactly
     follow = a + list(first.tokens) + erllama.tokenize(mid, " more", add_special=False)
     again = erllama.complete(mid, follow, max_tokens=6, temperature=0)
-    assert again.cache_hit == "partial" and again.cache_delta.tier == "ram"
-    assert again.cache_delta.read > len(a)
+    assert again.cache_hit == "partial" and again.cache_delta.tier == "ram" and again.cache_delta.read >= 16
+    plain = load(tiny_path, model_id="plain")
+    assert again.tokens == erllama.complete(plain, follow, max_tokens=6, temperature=0).tokens
 
 
 def test_quotas_in_sequences_and_tokens(app, tiny_path):
@@ -202,3 +203,73 @@ def test_gemma_sliding_window_layers_keep_room_beside_resident_rows(app, gemma_p
     assert erllama.cache.counters()["resident_kept"] >= 2
     done = erllama.complete(mid, [2000 + j for j in range(2000)], max_tokens=4, temperature=0)
     assert done.cache_hit == "cold" and done.stats.completion_tokens >= 1
+
+
+# ---- saves copied out of a spare sequence by a writer while decoding goes on ----------------
+
+
+def test_state_get_parked_is_exact_while_other_sequences_decode(tiny_model):
+    import threading
+
+    ctx = native.Context.create(tiny_model, n_ctx=2048, n_batch=256, n_seq_max=3, n_threads=1, kv_unified=True)
+    try:
+        ctx.step([(0, list(range(3, 200)))])
+        ctx.seq_copy(0, 2)  # the spare sequence 2 holds the row
+        ref = ctx.state_get(2)
+        blobs, errs = [], []
+
+        def copier():
+            try:
+                for _ in range(40):
+                    blobs.append(ctx.state_get_parked(2))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errs.append(exc)
+
+        th = threading.Thread(target=copier)
+        th.start()
+        n = 0
+        while th.is_alive() and n < 2000:  # sequences 0 and 1 decode meanwhile
+            ctx.step([(0, [5]), (1, [6])] if ctx.n_past(1) else [(0, [5]), (1, [7, 8, 9])])
+            n += 1
+            if ctx.n_past(0) > 900:
+                ctx.seq_rm(0, 300)
+                ctx.seq_clear(1)
+        th.join(60)
+        assert not errs and len(blobs) == 40 and all(b == ref for b in blobs)
+        assert ctx.state_get(2) == ref
+    finally:
+        ctx.free()
+
+
+def test_parked_copy_guards(tiny_model, tiny_ctx):
+    tiny_ctx.step([(0, [5, 6, 7])])
+    # a split-stream context has no spare sequences, but the call itself is still exact
+    assert tiny_ctx.state_get_parked(0) == tiny_ctx.state_get(0)
+    for bad in (-1, 2, True, "0"):
+        with pytest.raises(errors.InvalidParameter):
+            tiny_ctx.state_get_parked(bad)
+    ctx = native.Context.create(tiny_model, n_ctx=256, n_seq_max=1, n_threads=1)
+    ctx.free()
+    with pytest.raises(errors.Released):
+        ctx.state_get_parked(0)
+
+
+def test_saves_are_copied_out_by_a_writer_and_restore_exactly(app, tiny_path):
+    plain = load(tiny_path, model_id="plain")
+    mid = load(tiny_path, model_id="res", resident_seqs=1, n_seq_max=2)
+    a = erllama.tokenize(mid, "alpha beta gamma delta " * 10)
+    b = erllama.tokenize(mid, "one two three four five " * 10)
+    ref = erllama.complete(plain, a, max_tokens=10, temperature=0)
+    c0 = erllama.cache.counters()
+    background = erllama.infer(mid, erllama.tokenize(mid, "a long story " * 5), max_tokens=150, temperature=0)
+    cold = erllama.complete(mid, a, max_tokens=10, temperature=0)  # saved while the story decodes
+    store = erllama.cache.current()
+    assert store.flush(10)
+    c1 = erllama.cache.counters()
+    assert c1["pack_parked_ns"] > c0["pack_parked_ns"]  # the copies were made by writers
+    erllama.complete(mid, b, max_tokens=10, temperature=0)  # B's rows take the spare sequence
+    background.result()
+    assert store.flush(10)
+    again = erllama.complete(mid, a, max_tokens=10, temperature=0)
+    assert again.cache_hit == "exact" and again.cache_delta.tier == "ram"
+    assert again.tokens == cold.tokens == ref.tokens

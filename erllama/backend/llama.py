@@ -131,6 +131,14 @@ class LlamaBackend(Vocab):
         """The KV state of ``seq_id``."""
         return self.ctx.state_get(seq_id)
 
+    def state_get_parked(self, seq_id: int) -> bytes:
+        """The state of a spare sequence, copied while decodes of others run (any thread)."""
+        return self.ctx.state_get_parked(seq_id)
+
+    def state_size(self, seq_id: int) -> int:
+        """Bytes :meth:`state_get` of ``seq_id`` would return."""
+        return self.ctx.state_size(seq_id)
+
     def state_set(self, seq_id: int, data: Any) -> int:
         """Restore a state; returns the positions restored."""
         return self.ctx.state_set(seq_id, data)

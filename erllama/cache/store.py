@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -183,13 +183,16 @@ class CacheStore:
 
     # ---- saving --------------------------------------------------------------------------------
 
-    def save(self, meta: kvc.RowMeta, logits: np.ndarray | None, kv: bytes | bytearray | memoryview, *,
-             tier: str = "ram", wait: bool = False) -> Future[str] | None:
+    def save(self, meta: kvc.RowMeta, logits: np.ndarray | None,
+             kv: bytes | bytearray | memoryview | Callable[[], Any], *,
+             tier: str = "ram", wait: bool = False, kv_size: int = 0) -> Future[str] | None:
         """Save a row asynchronously; the future's result is ``"saved"`` or ``"duplicate"``.
 
         Returns ``None`` (and counts ``saves_dropped``) when every writer is busy, unless
         ``wait`` (evict/shutdown saves), which waits for a slot. ``kv`` and ``logits`` must
-        not change until the future is done.
+        not change until the future is done. ``kv`` may be a function that returns the
+        state, called in the writer thread (a model's parked copy-out; ``kv_size`` is its
+        expected size, for the queue's byte bound); it is not called for a duplicate.
         """
         if tier not in self.tiers:
             raise errors.ConfigError(f"tier {tier!r} is not configured (have {sorted(self.tiers)})")
@@ -198,7 +201,8 @@ class CacheStore:
         try:
             if wait:
                 return self.writer.submit(self._queued_job, key, meta, logits, kv, tier)
-            nbytes = memoryview(kv).nbytes + (0 if logits is None else np.asarray(logits).nbytes)
+            size = kv_size if callable(kv) else memoryview(kv).nbytes
+            nbytes = size + (0 if logits is None else np.asarray(logits).nbytes)
             fut = self.writer.try_submit(self._queued_job, key, meta, logits, kv, tier, nbytes=nbytes)
         except BaseException:
             self._unqueue(key)
@@ -233,6 +237,14 @@ class CacheStore:
         if self.index.lookup_exact(key) is not None:  # before the CRC: a finish save often repeats a row
             self.counters.add("duplicate_dropped")
             return "duplicate"
+        if callable(kv):
+            t0 = time.perf_counter_ns()
+            try:
+                kv = kv()
+            except errors.ErllamaError:
+                self.counters.add("saves_failed")
+                raise
+            self.counters.add("pack_parked_ns", time.perf_counter_ns() - t0)
         parts = encode_row(meta, logits, kv)
         try:
             self._store_parts(key, group_of(km), meta.n_tokens, tier, parts)

@@ -44,6 +44,8 @@ cdef class Context:
     cdef vector[int32_t] _out_idx
     cdef vector[L.llama_pos] _step_pos0
     cdef list _adapters
+    cdef dict _parked
+    cdef object _parked_cv
     cdef readonly int n_ctx
     cdef readonly int n_ctx_seq
     cdef readonly int n_batch
@@ -61,6 +63,8 @@ cdef class Context:
         self._abort_flag = 0
         self._lock = threading.RLock()
         self._adapters = []
+        self._parked = {}
+        self._parked_cv = threading.Condition(self._lock)
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Context is not instantiated directly; use Context.create(model, ...)")
@@ -156,10 +160,18 @@ cdef class Context:
             raise errors.InvalidParameter(f"seq_id must be an int in [0, {self.n_seq_max}), got {seq_id!r}")
         return 0
 
+    cdef int _check_writable(self, seq_id) except -1:
+        self._check_seq(seq_id)
+        if seq_id in self._parked:
+            raise errors.InvalidParameter(f"seq {seq_id} is being copied out (state_get_parked); it cannot change now")
+        return 0
+
     def free(self):
         """Free the context (idempotent). Its model may then complete a deferred free."""
         cdef L.llama_context * ptr
         with self._lock:
+            while self._parked:  # a copy-out reads this context without the lock
+                self._parked_cv.wait()
             ptr = self._ptr
             if ptr == NULL:
                 return
@@ -238,7 +250,7 @@ cdef class Context:
         """Remove positions ``[p0, p1)`` of ``seq_id`` (``p1=-1``: to the end)."""
         with self._lock:
             self._ensure_alive()
-            self._check_seq(seq_id)
+            self._check_writable(seq_id)
             if p0 < 0 or (p1 >= 0 and p1 < p0):
                 raise errors.InvalidParameter(f"seq_rm range [{p0}, {p1}) is invalid")
             self._out_idx[seq_id] = -1
@@ -249,7 +261,7 @@ cdef class Context:
         """Remove every position of ``seq_id``."""
         with self._lock:
             self._ensure_alive()
-            self._check_seq(seq_id)
+            self._check_writable(seq_id)
             self._out_idx[seq_id] = -1
             L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
@@ -266,7 +278,7 @@ cdef class Context:
         with self._lock:
             self._ensure_alive()
             self._check_seq(src)
-            self._check_seq(dst)
+            self._check_writable(dst)
             if src == dst:
                 raise errors.InvalidParameter(f"seq_copy needs two different sequences, got {src} twice")
             if not self.params["kv_unified"]:
@@ -278,8 +290,10 @@ cdef class Context:
             return L.llama_memory_seq_pos_max(self._mem, dst) + 1
 
     def clear(self):
-        """Remove every sequence."""
+        """Remove every sequence (after any copy-out in flight)."""
         with self._lock:
+            while self._parked:
+                self._parked_cv.wait()
             self._ensure_alive()
             self._out_idx.assign(self.n_seq_max, -1)
             L.llama_memory_clear(self._mem, True)
@@ -308,7 +322,7 @@ cdef class Context:
             for row in rows:
                 if not isinstance(row, tuple) or len(row) not in (2, 3):
                     raise errors.InvalidParameter(f"a step row must be (seq_id, tokens[, want_logits]), got {row!r:.80}")
-                self._check_seq(row[0])
+                self._check_writable(row[0])
                 seq = row[0]
                 if seq in seen:
                     raise errors.InvalidParameter(f"seq_id {seq} appears twice in one step")
@@ -435,6 +449,47 @@ cdef class Context:
                 raise errors.StateError(f"llama.cpp wrote {got} of {need} state bytes for seq {seq}")
             return got
 
+    def state_get_parked(self, seq_id):
+        """The state of ``seq_id`` as new ``bytes``, copied *without* holding the context
+        lock: decodes of other sequences run meanwhile (a model actor hands a save's copy to
+        a writer thread this way). Only for a sequence no decode touches (a spare sequence):
+        until it returns, the sequence refuses every change (``InvalidParameter``),
+        :meth:`clear` and :meth:`free` wait for it.
+
+        Why this is safe in the pinned llama.cpp: a decode only writes cells it allocates
+        (empty ones) and its own sequences' cell metadata; the sequence's cells stay
+        occupied, so their bytes and positions do not change, and KV buffers are never
+        reallocated. The scheduler is synchronized once under the lock; the copy itself
+        skips llama_state_seq_get_data's synchronize, which would race with a decode.
+        """
+        cdef L.llama_context * ptr
+        cdef size_t need = 0, got = 0
+        cdef bytes blob
+        cdef uint8_t * cblob
+        cdef int seq
+        with self._lock:
+            self._ensure_alive()
+            self._check_writable(seq_id)
+            seq = seq_id
+            with nogil:
+                L.llama_synchronize(self._ptr)
+            ptr = self._ptr
+            self._parked[seq] = 1
+        try:
+            with nogil:
+                need = L.erl_state_seq_size_nosync(ptr, seq)
+            blob = PyBytes_FromStringAndSize(NULL, need)
+            cblob = <uint8_t *>PyBytes_AS_STRING(blob)
+            with nogil:
+                got = L.erl_state_seq_get_nosync(ptr, cblob, need, seq)
+        finally:
+            with self._lock:
+                del self._parked[seq]
+                self._parked_cv.notify_all()
+        if need == 0 or got != need:
+            raise errors.StateError(f"llama.cpp wrote {got} of {need} state bytes for parked seq {seq}")
+        return blob
+
     def state_set(self, seq_id, data):
         """Replace the KV state of ``seq_id`` with a blob from :meth:`state_get` (bytes-like).
 
@@ -446,7 +501,7 @@ cdef class Context:
         cdef int seq
         with self._lock:
             self._ensure_alive()
-            self._check_seq(seq_id)
+            self._check_writable(seq_id)
             seq = seq_id
             if n == 0:
                 raise errors.StateError(f"empty state blob for seq {seq}")

@@ -295,3 +295,7 @@ cdef extern from "erl_helpers.h" nogil:
     void erl_flag_set(int * flag, int value) noexcept
     int erl_flag_get(int * flag) noexcept
     uint32_t erl_crc32c(uint32_t crc, const unsigned char * p, size_t n) noexcept
+
+cdef extern from "erl_state.h" nogil:
+    size_t erl_state_seq_size_nosync(llama_context * ctx, llama_seq_id seq) except +
+    size_t erl_state_seq_get_nosync(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq) except +

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +31,20 @@ __all__ = ["Entry", "Resident"]
 
 @dataclass
 class Entry:
-    """One resident row: the spare sequence holding it, its tokens and key metadata, and the
-    logits of its last token (an exact hit samples from them)."""
+    """One resident row: the spare sequence holding it, its tokens and key metadata, the
+    logits of its last token (an exact hit samples from them), and the save copying it out
+    to the store from a writer thread, if one is running (``copy``)."""
 
     key: bytes
     seq: int
     tokens: list[int]
     meta: KeyMeta
     logits: np.ndarray | None
+    copy: Future[Any] | None = None
+
+    def idle(self) -> bool:
+        """No copy-out is reading the row's sequence."""
+        return self.copy is None or self.copy.done()
 
 
 class Resident:
@@ -80,19 +87,24 @@ class Resident:
         self._count("hits_resident", 1)
         return True
 
-    def keep(self, key: bytes, seq: int, tokens: Sequence[int], meta: KeyMeta, logits: np.ndarray | None) -> bool:
+    def keep(self, key: bytes, seq: int, tokens: Sequence[int], meta: KeyMeta,
+             logits: np.ndarray | None) -> Entry | None:
         """Copy working sequence ``seq`` (holding exactly ``tokens``) into a spare sequence as
-        row ``key``, making room by LRU demotion; False when it cannot be kept."""
+        row ``key``, making room by LRU demotion (rows being copied out stay); returns the
+        row, or None when it cannot be kept."""
         n = len(tokens)
-        if n == 0 or n > self.budget or not (self.free or self.entries):
-            return False
+        if n == 0 or n > self.budget:
+            return None
         if (old := self.entries.get(key)) is not None:
             self.entries.move_to_end(key)
             if old.logits is None and logits is not None:
                 old.logits = logits
-            return True
-        while self.entries and (not self.free or self.tokens + n > self.budget):
-            self.evict(next(iter(self.entries.values())))
+            return old
+        while not self.free or self.tokens + n > self.budget:
+            victim = next((e for e in self.entries.values() if e.idle()), None)
+            if victim is None:
+                return None
+            self.evict(victim)
         spare = self.free.pop()
         try:
             got = self.backend.seq_copy(seq, spare)
@@ -103,14 +115,15 @@ class Resident:
         if got != n:
             self.backend.seq_clear(spare)
             self.free.append(spare)
-            return False
-        self.entries[key] = Entry(key, spare, list(tokens), meta, logits)
+            return None
+        entry = self.entries[key] = Entry(key, spare, list(tokens), meta, logits)
         self.tokens += n
         self._count("resident_kept", 1)
-        return True
+        return entry
 
     def evict(self, entry: Entry, demote: bool = True) -> None:
-        """Remove ``entry`` (demoted first unless ``demote`` is False) and free its sequence."""
+        """Remove ``entry`` (demoted first unless ``demote`` is False) and free its sequence;
+        the caller checked that no copy-out reads it (:meth:`Entry.idle`)."""
         if self.entries.pop(entry.key, None) is None:
             return
         self.tokens -= len(entry.tokens)
@@ -123,9 +136,10 @@ class Resident:
             self.free.append(entry.seq)
 
     def clear(self, demote: bool = False) -> None:
-        """Remove every row (an adapter change makes their KV stale: not demoted)."""
+        """Remove every row that no copy-out is reading."""
         for e in list(self.entries.values()):
-            self.evict(e, demote=demote)
+            if e.idle():
+                self.evict(e, demote=demote)
 
     def stats(self) -> dict[str, Any]:
         """Rows, tokens held, and the quotas."""

@@ -5,11 +5,15 @@ An admission restores the exact prompt (sampling the first token from the row's 
 logits, no re-decode), or the longest saved prefix (then prefills only the rest); a cold
 prompt is saved once prefilled (the whole prompt, and the policy's trimmed prefix), a long
 generation gets continued saves, a finished request saves its context. The actor packs the
-state (it owns the context); the writer pool writes, so saves never block decoding.
+state (it owns the context) and the writer pool writes it. With the resident tier (in
+process), a saved row is first kept in a spare sequence (shared cells, no copy) and a writer
+copies the state out of that sequence while the actor goes on decoding: on a GPU, where the
+copy is a device-to-host transfer of the whole state, the other sequences do not wait for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +30,10 @@ from erllama.model.request import Request
 from erllama.model.resident import Entry, Resident
 from erllama.types import Done
 
-__all__ = ["Saves"]
+__all__ = ["PARKED_REASONS", "Saves"]
+
+PARKED_REASONS = (kvc.SaveReason.COLD, kvc.SaveReason.CONTINUED, kvc.SaveReason.FINISH)
+"""Saves whose row is also kept resident, and then copied out by a writer thread."""
 
 logger = logging.getLogger("erllama.model")
 
@@ -119,11 +126,25 @@ class Saves:
         ``wait``, the save's future), or None when nothing was saved. A cold or finish row
         is also kept in the resident tier when the model has one (``resident``)."""
         tokens = list(tokens)
-        if resident and self.resident is not None and reason in (kvc.SaveReason.COLD, kvc.SaveReason.FINISH):
-            self.resident.keep(cache_key(km, tokens), seq, tokens, km, logits)
+        key = cache_key(km, tokens)
         t0 = time.perf_counter_ns()
+        entry = None
+        if resident and self.resident is not None and reason in PARKED_REASONS:
+            entry = self.resident.keep(key, seq, tokens, km, logits)
+            if entry is not None and not entry.idle():  # this very row is being copied out
+                return entry.copy if wait else key
+        get_parked, size_of = getattr(self.backend, "state_get_parked", None), getattr(self.backend, "state_size", None)
+        parked = entry is not None and get_parked is not None and size_of is not None
+        kv: Any
         try:
-            kv = self.backend.state_get(seq)
+            if parked:
+                assert entry is not None and get_parked is not None and size_of is not None
+                # the row's spare sequence is never decoded: a writer copies it out while
+                # this actor goes on decoding (see Context.state_get_parked)
+                kv, kv_size = functools.partial(get_parked, entry.seq), size_of(entry.seq)
+            else:
+                kv = self.backend.state_get(seq)
+                kv_size = 0
         except errors.ModelCrashed:
             raise
         except errors.ErllamaError as exc:
@@ -134,13 +155,16 @@ class Saves:
                            namespace=km.namespace, tokens=kvc.encode_tokens(tokens), save_reason=reason,
                            context_size=self.backend.n_ctx_seq)
         try:
-            fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait)
+            fut = self.cache.save(meta, logits, kv, tier=self.tier, wait=wait, kv_size=kv_size)
         except errors.ErllamaError as exc:
             logger.warning("model %s: %s save refused: %s", self.model_id, reason.name.lower(), exc)
             return None
         if fut is None:
             return None
-        return fut if wait else cache_key(km, tokens)
+        if parked:
+            assert entry is not None
+            entry.copy = fut
+        return fut if wait else key
 
     def save_req(self, req: Request, reason: kvc.SaveReason, logits: np.ndarray | None, *,
                  wait: bool = False) -> Any:
