@@ -32,7 +32,7 @@ def run_once(path: str, opts: dict, interval: int, long: list[int], short: list[
     """Load with continued saves every ``interval`` tokens; B restores ``long`` and generates,
     A generates ``a_tokens`` beside it. A's tokens/s, B's saves in A's window, pack time."""
     policy = {"continued_interval": interval, "min_tokens": 16}
-    mid = erllama.load_model(path, isolation="none", policy=policy, **opts)
+    mid = erllama.load_model(path, policy=policy, **{"isolation": "none", **opts})
     try:
         b_first = threading.Event()
         b_done = threading.Event()
@@ -66,6 +66,40 @@ def run_once(path: str, opts: dict, interval: int, long: list[int], short: list[
         erllama.cache.current().flush(120)
 
 
+def measure(path: str, opts: dict, context: int, interval: int, a_tokens: int,
+            token_range: tuple[int, int] = (1000, 200000)) -> dict:
+    """Both layouts, saves off and on, in an application of its own; per layout the runs and
+    A's tokens/s ratio."""
+    rng = random.Random(0)
+    long = [rng.randrange(*token_range) for _ in range(context)]
+    short = [rng.randrange(*token_range) for _ in range(32)]
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            erllama.running(cache_dir=tmp, ram_quota=64 << 30, ram_file_quota=0, disk_quota=0):
+        for layout, extra in (("split streams", {}), ("resident tier", {"resident_seqs": 2})):
+            lopts = {"isolation": "none", **opts, **extra}
+            seed = erllama.load_model(path, **lopts)
+            t0 = time.perf_counter()
+            erllama.complete(seed, long, max_tokens=1)
+            erllama.cache.current().flush(300)
+            erllama.unload(seed)
+            print(f"{layout}: B's context of {context} tokens prefilled and saved in "
+                  f"{time.perf_counter() - t0:.1f} s")
+            runs: dict = {}
+            for label, every in (("saves off", 10**6), ("saves on", interval)):
+                r = run_once(path, lopts, every, long, short, a_tokens)
+                runs[label] = r
+                print(f"  {label:9s}: A {r['a_tok_s']:6.1f} tok/s over {r['a_tokens']} tokens; B's saves during A: "
+                      f"{r['b_saves_in_window']}, {r['pack_ms_in_window']:.0f} ms in the model actor, "
+                      f"{r['parked_ms_in_window']:.0f} ms copying in writers; B ran throughout: "
+                      f"{r['b_ran_throughout']}", flush=True)
+            runs["ratio"] = runs["saves on"]["a_tok_s"] / max(runs["saves off"]["a_tok_s"], 1e-9)
+            print(f"  A keeps {runs['ratio']:.2f} of its tokens/s while B's {context}-token state is saved "
+                  f"every {interval} tokens (goal >= 0.80)", flush=True)
+            out[layout] = runs
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=8000, help="B's context (tokens)")
@@ -73,36 +107,10 @@ def main() -> None:
     ap.add_argument("--a-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    rng = random.Random(0)
-    path = str(default_model_path())
     opts = {"n_ctx": 2 * (args.context + 1024), "n_seq_max": 2, "n_batch": 512, "n_threads": args.threads}
-    long = [rng.randrange(1000, 200000) for _ in range(args.context)]
-    short = [rng.randrange(1000, 200000) for _ in range(32)]
-    out: dict = {}
-    with tempfile.TemporaryDirectory() as tmp, \
-            erllama.running(cache_dir=tmp, ram_quota=6 << 30, ram_file_quota=0, disk_quota=0):
-        for layout, extra in (("split streams", {}), ("resident tier", {"resident_seqs": 2})):
-            lopts = {**opts, **extra}
-            seed = erllama.load_model(path, isolation="none", **lopts)
-            t0 = time.perf_counter()
-            erllama.complete(seed, long, max_tokens=1)
-            erllama.cache.current().flush(120)
-            erllama.unload(seed)
-            print(f"{layout}: B's context of {args.context} tokens prefilled and saved in "
-                  f"{time.perf_counter() - t0:.1f} s")
-            runs = {}
-            for label, interval in (("saves off", 10**6), ("saves on", args.interval)):
-                r = run_once(path, lopts, interval, long, short, args.a_tokens)
-                runs[label] = r
-                print(f"  {label:9s}: A {r['a_tok_s']:6.1f} tok/s over {r['a_tokens']} tokens; B's saves during A: "
-                      f"{r['b_saves_in_window']}, {r['pack_ms_in_window']:.0f} ms in the model actor, "
-                      f"{r['parked_ms_in_window']:.0f} ms copying in writers; B ran throughout: "
-                      f"{r['b_ran_throughout']}", flush=True)
-            runs["ratio"] = runs["saves on"]["a_tok_s"] / max(runs["saves off"]["a_tok_s"], 1e-9)
-            print(f"  A keeps {runs['ratio']:.2f} of its tokens/s while B's {args.context}-token state is saved "
-                  f"every {args.interval} tokens (goal >= 0.80)", flush=True)
-            out[layout] = runs
-        print("JSON " + json.dumps(out))
+    out = measure(str(default_model_path()), opts, args.context, args.interval, args.a_tokens)
+    print("JSON " + json.dumps(out))
+
 
 if __name__ == "__main__":
     main()

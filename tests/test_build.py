@@ -289,3 +289,14 @@ def test_openmp_detection_reads_the_libraries(tmp_path):
     assert not setup.uses_openmp([str(plain)])
     info = setup.build_llama()  # the cached default build: -DGGML_OPENMP=OFF
     assert info["openmp"] is False
+
+
+def test_every_package_is_installed():
+    # a package missing from pyproject's list works in an editable install and is absent
+    # from a wheel (erllama.ray was, until this test)
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for name in ("erllama", "supervision")
+             for p in (ROOT / name).rglob("__init__.py")}
+    assert found == listed
