@@ -196,9 +196,9 @@ def run(args: argparse.Namespace) -> None:
                   flush=True)
             serve.delete("default")
         ours, base_r, one = out["prefix router"], out["default router"], out["one node"]
+        rel = f"{ours['hit_rate'] / one['hit_rate']:.2f}x" if one["hit_rate"] else "one node had no hit"
         print(f"hit rate: prefix router {ours['hit_rate']:.2f} vs one node {one['hit_rate']:.2f} "
-              f"({ours['hit_rate'] / max(one['hit_rate'], 1e-9):.2f}x; goal >= 0.90x); "
-              f"default router {base_r['hit_rate']:.2f}")
+              f"({rel}; goal >= 0.90x); default router {base_r['hit_rate']:.2f}")
         print(f"p50 TTFT: default router / prefix router = {base_r['p50_ttft_ms'] / ours['p50_ttft_ms']:.1f}x "
               f"(goal >= 5x); p95 {base_r['p95_ttft_ms'] / ours['p95_ttft_ms']:.1f}x")
         print("JSON " + json.dumps(out))

@@ -79,6 +79,10 @@ class LlamaBackend(Vocab):
     def __init__(self, path: str | os.PathLike[str], config: Any) -> None:
         self.model = native.Model.load(path, n_gpu_layers=config.n_gpu_layers)
         shape = context_shape(config)
+        if shape["kv_unified"] and self.model.is_recurrent:
+            self.model.free()
+            raise errors.NotSupported(f"resident_seqs needs an attention KV cache; {str(path)!r} is a recurrent "
+                                      f"or hybrid model (load it with resident_seqs=0)")
         try:
             self.ctx = native.Context.create(
                 self.model, n_ctx=shape["n_ctx"], n_batch=config.n_batch, n_ubatch=config.n_ubatch,

@@ -15,6 +15,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "pack_total_ns", "load_total_ns", "loads_crc_skipped", "longest_prefix_probes", "longest_prefix_ns",
     "bytes_ram", "bytes_ram_file", "bytes_disk", "shared_published", "shared_imports", "shared_failed",
     "hits_resident", "resident_kept", "resident_evictions", "resident_demotions", "pack_parked_ns",
+    "continued_coalesced",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ram_file", "bytes_disk"})

@@ -284,6 +284,9 @@ cdef class Context:
             if not self.params["kv_unified"]:
                 raise errors.NotSupported("seq_copy needs a kv_unified context (a copy across KV streams "
                                           "moves whole buffers later and aborts on partial ranges)")
+            if self.model.is_recurrent:
+                raise errors.NotSupported(f"seq_copy is for attention KV caches; {self.model.path!r} is a "
+                                          f"recurrent or hybrid model")
             self._out_idx[dst] = -1
             L.llama_memory_seq_rm(self._mem, dst, -1, -1)
             L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)

@@ -188,6 +188,14 @@ cdef class Model:
             return L.llama_model_size(self._ptr)
 
     @property
+    def is_recurrent(self):
+        """True for recurrent and hybrid models (Mamba, RWKV, ...), whose memory copies
+        sequences by sharing state cells rather than KV cells."""
+        with self._lock:
+            self._ensure_alive()
+            return bool(L.llama_model_is_recurrent(self._ptr) or L.llama_model_is_hybrid(self._ptr))
+
+    @property
     def n_params(self):
         """Number of parameters."""
         with self._lock:

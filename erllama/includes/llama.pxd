@@ -213,6 +213,8 @@ cdef extern from "llama.h" nogil:
     uint64_t llama_model_n_params(const llama_model * model)
     const char * llama_model_chat_template(const llama_model * model, const char * name) except +
     cbool llama_model_has_encoder(const llama_model * model)
+    cbool llama_model_is_recurrent(const llama_model * model)
+    cbool llama_model_is_hybrid(const llama_model * model)
 
     llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora) except +
     void llama_adapter_lora_free(llama_adapter_lora * adapter) except +

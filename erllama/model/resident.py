@@ -121,6 +121,10 @@ class Resident:
         self._count("resident_kept", 1)
         return entry
 
+    def copying(self) -> bool:
+        """Whether a copy-out of some row is running."""
+        return any(not e.idle() for e in self.entries.values())
+
     def evict(self, entry: Entry, demote: bool = True) -> None:
         """Remove ``entry`` (demoted first unless ``demote`` is False) and free its sequence;
         the caller checked that no copy-out reads it (:meth:`Entry.idle`)."""

@@ -130,6 +130,11 @@ class Saves:
         t0 = time.perf_counter_ns()
         entry = None
         if resident and self.resident is not None and reason in PARKED_REASONS:
+            if reason == kvc.SaveReason.CONTINUED and self.resident.copying():
+                # a checkpoint while the last one is still being copied out: the next one
+                # covers it (copies would pile up and take the cores decoding needs)
+                self.cache.counters.add("continued_coalesced", 1)
+                return None
             entry = self.resident.keep(key, seq, tokens, km, logits)
             if entry is not None and not entry.idle():  # this very row is being copied out
                 return entry.copy if wait else key
