@@ -310,3 +310,9 @@ def test_a_checkpoint_is_coalesced_while_the_last_copy_runs(app, tiny_path):
         assert erllama.cache.current().flush(10)
     finally:
         backend.close()
+
+
+def test_attention_models_are_not_recurrent(tiny_model, gemma):
+    # the resident tier and seq_copy refuse recurrent and hybrid models (their memory
+    # shares state cells, not KV cells); both test models are plain attention models
+    assert tiny_model.is_recurrent is False and gemma.is_recurrent is False

@@ -141,6 +141,8 @@ def test_metrics_match_a_known_sequence_and_the_cache_counters(small):
     for result, counter in (("exact", "hits_exact"), ("miss", "misses"), ("longest_prefix", "hits_longest_prefix")):
         assert after[("erllama_cache_lookups_total", (("result", result),))] == c[counter]
     assert after[("erllama_cache_saves_total", (("reason", "finish"),))] == c["saves_finish"]
+    for event, counter in (("hits", "hits_resident"), ("kept", "resident_kept")):
+        assert after[("erllama_cache_resident_total", (("event", event),))] == c[counter]
     assert after[("erllama_models_loaded", ())] == 1
 
 

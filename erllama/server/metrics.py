@@ -26,7 +26,8 @@ __all__ = ["CACHE_RESULTS", "FINISH_REASONS", "Metrics", "REJECT_REASONS"]
 REJECT_REASONS = ("queue_full", "restarting", "loading")
 FINISH_REASONS = ("stop", "length", "cancelled", "disconnected", "error")
 CACHE_RESULTS = ("exact", "partial", "sticky", "cold")
-SOURCES = ("computed", "context", "ram", "ram_file", "disk")
+SOURCES = ("computed", "context", "resident", "ram", "ram_file", "disk")
+RESIDENT = ("hits", "kept", "evictions", "demotions")
 SAVE_REASONS = ("cold", "continued", "finish", "evict", "shutdown")
 LOOKUPS = {"exact": "hits_exact", "resume": "hits_resume", "longest_prefix": "hits_longest_prefix",
            "miss": "misses"}
@@ -147,6 +148,8 @@ class _Live:
         evictions = CounterMetricFamily("erllama_cache_evictions", "rows evicted from the slowest tier")
         demotions = CounterMetricFamily("erllama_cache_demotions", "rows moved to a slower tier")
         failed = CounterMetricFamily("erllama_cache_restore_failures", "hits whose state did not restore")
+        resident = CounterMetricFamily("erllama_cache_resident", "resident tier events (rows kept in spare "
+                                       "sequences)", labels=["event"])
         if live:
             n = 0
             try:
@@ -176,5 +179,7 @@ class _Live:
             evictions.add_metric([], c.get("evictions", 0))
             demotions.add_metric([], c.get("demotions", 0))
             failed.add_metric([], c.get("restores_failed", 0))
+            for event in RESIDENT:
+                resident.add_metric([event], c.get("hits_resident" if event == "hits" else f"resident_{event}", 0))
         yield from (running, waiting, restarts, loaded, rows, size, quota, lookups, saves, dropped, evictions,
-                    demotions, failed)
+                    demotions, failed, resident)
