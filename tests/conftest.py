@@ -105,6 +105,19 @@ def app_dir(tmp_path_factory):
     erllama.stop()
 
 
+@pytest.fixture
+def cache_app(tmp_path):
+    """An application of the test's own (private cache and ram_file directories) whose save
+    policy keeps prompts of 16 tokens and more, with the cache counters zeroed."""
+    import erllama
+    import erllama.cache
+
+    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"),
+                         policy={"min_tokens": 16, "cold_min_tokens": 16}) as a:
+        erllama.cache.reset_counters()
+        yield a
+
+
 # threads that live as long as the process by design, not per application or test:
 # name prefix → why (anything else a test module leaves running fails it)
 PROCESS_WIDE_THREADS = {

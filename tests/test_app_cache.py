@@ -11,14 +11,10 @@ import erllama
 from erllama.backend.llama import LlamaBackend
 from erllama.model.request import RequestParams
 
-POLICY = {"min_tokens": 16, "cold_min_tokens": 16}
-
 
 @pytest.fixture
-def app(tmp_path):
-    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"), policy=POLICY) as a:
-        erllama.cache.reset_counters()
-        yield a
+def app(cache_app):
+    return cache_app
 
 
 def wait_saves(n_rows, timeout=10):

@@ -13,14 +13,10 @@ from erllama import errors
 from erllama.backend.llama import context_shape
 from erllama.config import ModelConfig
 
-POLICY = {"min_tokens": 16, "cold_min_tokens": 16}
-
 
 @pytest.fixture
-def app(tmp_path):
-    with erllama.running(cache_dir=str(tmp_path / "c"), ram_file_dir=str(tmp_path / "shm"), policy=POLICY) as a:
-        erllama.cache.reset_counters()
-        yield a
+def app(cache_app):
+    return cache_app
 
 
 def load(path, **kw):
