@@ -2,9 +2,14 @@
 
 A multi-tenant chat workload: ``--tenants`` tenants (default 16), each with a system prompt of
 1-2k tokens and ``--users`` users (default 1) holding ``--turns``-turn conversations (default
-3), sent by ``--clients`` concurrent clients (default 2) in a shuffled but fixed order; the
-real ``openai`` client streams every answer. Three runs on the same cluster (2 nodes of 1
-CPU, the same model, fresh caches each):
+3). ``--clients`` connections (default 4) serve a shared queue of ready turns, like a
+front end's pool: the conversations' first turns in a shuffled but fixed order, and a
+conversation's next turn joins the end of the queue when its previous answer is complete;
+whichever connection is free sends it. (``--sticky-clients``: each connection owns its
+conversations instead. With as many closed-loop connections as replicas, that pins each
+connection to one replica under any least-loaded router, so Serve's default router gets
+the affinity by accident.) The real ``openai`` client streams every answer. Three runs on
+the same cluster (2 nodes of 1 CPU, the same model, fresh caches each):
 
 - ``one node``: a single engine replica (the hit rate a cluster should keep);
 - ``prefix router``: 2 replicas, erllama's ``PrefixRouter``;
@@ -16,7 +21,8 @@ p50 TTFT >= 5x better than the default router.
 
 Ray binds to the machine's interface address; the run re-executes itself in a network
 namespace with only loopback (``unshare -n``, root) so that everything stays on 127.0.0.1.
-Usage: ``python bench/cluster.py [--model gemma|tiny|PATH] [--tenants 16] [--users 1] [--ram-mb 1024] [--seed 0]``.
+Usage: ``python bench/cluster.py [--model gemma|tiny|PATH] [--tenants 16] [--users 1] [--turns 3]
+[--clients 4] [--sticky-clients] [--ram-mb 1024] [--seed 0]``.
 """
 
 # ruff: noqa: E402  (the path is fixed before the imports, see below)
@@ -30,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -39,6 +46,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from typing import Any
 
 PORT = 18533
 
@@ -49,7 +57,9 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--users", type=int, default=1, help="conversations per tenant (they share its system prompt)")
     ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
+    ap.add_argument("--sticky-clients", action="store_true",
+                    help="each connection owns its conversations (the workload of the first measurements)")
     ap.add_argument("--tokens", type=int, default=16, help="tokens generated per answer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ram-mb", type=int, default=1024,
@@ -82,20 +92,51 @@ def model_path(name: str, tmp: Path) -> tuple[str, dict]:
     return name, {"n_ctx": 8192, "n_seq_max": 2, "n_threads": 1}
 
 
-def workload(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
-    """Each client's list of (tenant, user) turns, in order: a conversation's turns stay in
-    order (one client holds each conversation), conversations interleave."""
+def first_turns(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """Every conversation (tenant, user) once, in the run's fixed shuffled order."""
     rng = random.Random(args.seed)
     convs = [(t, u) for t in range(args.tenants) for u in range(args.users)]
     rng.shuffle(convs)
+    return convs
+
+
+def sticky_workload(args: argparse.Namespace) -> list[list[tuple[int, int]]]:
+    """``--sticky-clients``: each connection's list of turns, in order; one connection holds
+    each conversation and goes round its conversations ``--turns`` times."""
     per_client: list[list[tuple[int, int]]] = [[] for _ in range(args.clients)]
-    for i, conv in enumerate(convs):
+    for i, conv in enumerate(first_turns(args)):
         per_client[i % args.clients].append(conv)
-    out = []
-    for convs_c in per_client:
-        turns = [c for _ in range(args.turns) for c in convs_c]  # round robin over its conversations
-        out.append(turns)
-    return out
+    return [[c for _ in range(args.turns) for c in convs_c] for convs_c in per_client]
+
+
+class TurnQueue:
+    """The shared queue of ready turns: a conversation's next turn is queued when its
+    previous one is complete, so its turns stay in order whichever connection sends them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.ready = collections.deque(first_turns(args))
+        self.left = {conv: args.turns for conv in self.ready}
+        self.busy = 0
+        self.cond = threading.Condition()
+
+    def take(self) -> tuple[int, int] | None:
+        """The next ready turn; None when every turn is done (waits while turns run)."""
+        with self.cond:
+            while not self.ready and self.busy:
+                self.cond.wait(5)
+            if not self.ready:
+                return None
+            self.busy += 1
+            return self.ready.popleft()
+
+    def done(self, conv: tuple[int, int]) -> None:
+        """``conv``'s turn is answered: queue its next one."""
+        with self.cond:
+            self.busy -= 1
+            self.left[conv] -= 1
+            if self.left[conv]:
+                self.ready.append(conv)
+            self.cond.notify_all()
 
 
 def system_prompt(tenant: int, rng: random.Random, scale: float) -> str:
@@ -117,35 +158,48 @@ def drive(base: str, model: str, args: argparse.Namespace) -> dict:
 
     errors: list[BaseException] = []
 
-    def client_loop(turns: list[tuple[int, int]]) -> None:
+    def connection(work: TurnQueue | list[tuple[int, int]]) -> None:
+        """One connection: its own turns (sticky) or the shared queue's."""
+        client = openai.OpenAI(base_url=base, api_key="unused", timeout=600, max_retries=0)
         try:
-            one_client(turns)
+            if isinstance(work, list):
+                for conv in work:
+                    one_turn(client, conv)
+                return
+            while (conv := work.take()) is not None:
+                try:
+                    one_turn(client, conv)
+                finally:
+                    work.done(conv)
         except BaseException as exc:
             errors.append(exc)
             raise
 
-    def one_client(turns: list[tuple[int, int]]) -> None:
-        client = openai.OpenAI(base_url=base, api_key="unused", timeout=600, max_retries=0)
-        for conv in turns:
-            msgs = history.setdefault(conv, [{"role": "system", "content": systems[conv[0]]}])
-            msgs.append({"role": "user", "content": f"User {conv[1]} asks question {len(msgs) // 2}."})
-            t0 = time.perf_counter()
-            ttft, text, info = None, [], {}
-            stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=args.tokens,
-                                                    temperature=0, stream=True)
-            for ch in stream:
-                if ttft is None and ch.choices and ch.choices[0].delta.content:
-                    ttft = time.perf_counter() - t0
-                if ch.choices and ch.choices[0].delta.content:
-                    text.append(ch.choices[0].delta.content)
-                info = (ch.model_extra or {}).get("erllama") or info
-            msgs.append({"role": "assistant", "content": "".join(text)})
-            with lock:
-                results.append({"ttft": ttft if ttft is not None else time.perf_counter() - t0,
-                                "hit": info.get("cache_hit"), "cached": info.get("cached_tokens", 0)})
+    def one_turn(client: Any, conv: tuple[int, int]) -> None:
+        msgs = history.setdefault(conv, [{"role": "system", "content": systems[conv[0]]}])
+        msgs.append({"role": "user", "content": f"User {conv[1]} asks question {len(msgs) // 2}."})
+        t0 = time.perf_counter()
+        ttft, text, info = None, [], {}
+        stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=args.tokens,
+                                                temperature=0, stream=True)
+        for ch in stream:
+            if ttft is None and ch.choices and ch.choices[0].delta.content:
+                ttft = time.perf_counter() - t0
+            if ch.choices and ch.choices[0].delta.content:
+                text.append(ch.choices[0].delta.content)
+            info = (ch.model_extra or {}).get("erllama") or info
+        msgs.append({"role": "assistant", "content": "".join(text)})
+        with lock:
+            results.append({"ttft": ttft if ttft is not None else time.perf_counter() - t0,
+                            "hit": info.get("cache_hit"), "cached": info.get("cached_tokens", 0)})
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(turns,)) for turns in workload(args)]
+    if args.sticky_clients:
+        works: list[Any] = sticky_workload(args)
+    else:
+        queue = TurnQueue(args)
+        works = [queue] * args.clients
+    threads = [threading.Thread(target=connection, args=(w,)) for w in works]
     for th in threads:
         th.start()
     for th in threads:
@@ -155,7 +209,7 @@ def drive(base: str, model: str, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"a client failed: {errors[0]!r}")
     ttfts = sorted(r["ttft"] for r in results)
     hits = sum(1 for r in results if r["hit"] not in (None, "cold"))
-    return {"requests": len(results), "hit_rate": hits / max(1, len(results)),
+    return {"requests": len(results), "hit_rate": hits / max(1, len(results)), "cold": len(results) - hits,
             "cached_tokens": sum(r["cached"] for r in results),
             "p50_ttft_ms": 1000 * statistics.median(ttfts),
             "p95_ttft_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], "wall_s": wall}
@@ -190,7 +244,7 @@ def run(args: argparse.Namespace) -> None:
                                 stats_period_s=0.5), blocking=False)
             r = drive(base, "m", args)
             out[name] = r
-            print(f"{name:15s} requests {r['requests']:3d}  hit rate {r['hit_rate']:.2f}  "
+            print(f"{name:15s} requests {r['requests']:3d}  hit rate {r['hit_rate']:.2f} ({r['cold']:2d} cold)  "
                   f"p50 TTFT {r['p50_ttft_ms']:8.1f} ms  p95 TTFT {r['p95_ttft_ms']:8.1f} ms  "
                   f"wall {r['wall_s']:6.1f} s",
                   flush=True)
