@@ -7,7 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erllama.model.scheduler import SeqWork, plan_tick
+from erllama.model.scheduler import SeqWork, plan_tick, short_prefill
 
 
 @st.composite
@@ -40,10 +40,14 @@ def test_plan_properties(case):
     decodes = [w for w in work if w.decode]
     if len(decodes) <= n_batch:
         assert {s for s, _ in plan if by_seq[s].decode} == {w.seq_id for w in decodes}
-        # prefill rows are the oldest waiting ones, in admission order, none skipped
-        waiting = sorted((w for w in work if not w.decode and w.prefill), key=lambda w: w.order)
+        # prefill rows: the short ones, then the others, each in admission order, none skipped
+        short = short_prefill(n_batch, chunk)
+        waiting = sorted((w for w in work if not w.decode and w.prefill), key=lambda w: (w.prefill > short, w.order))
         planned = [s for s, _ in plan if not by_seq[s].decode]
         assert planned == [w.seq_id for w in waiting[: len(planned)]]
+        # a tick with a short prefill carries no long one
+        if any(by_seq[s].prefill <= short for s in planned):
+            assert all(by_seq[s].prefill <= short for s in planned)
         # only the last planned prefill may be cut by the budget
         for s, n in plan[:-1]:
             if not by_seq[s].decode:
@@ -81,3 +85,26 @@ def test_simulation_every_request_finishes(prompts, n_batch, chunk, gen):
         ticks += 1
         bound = sum(math.ceil(p / min(n_batch, chunk or n_batch)) for p in prompts) + gen * len(prompts) + 1
         assert ticks <= bound
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4000), st.integers(1, 2048), st.integers(8, 2048), st.one_of(st.none(), st.integers(1, 700)),
+       st.integers(0, 3))
+def test_short_prefill_is_not_queued_behind_a_long_one(long, tail, n_batch, chunk, decodes):
+    """A cache hit's short tail admitted after a long cold prompt is planned whole in the
+    next tick, alone among the prefills (the tick stays short); the long prompt goes on in
+    the tick after."""
+    short = short_prefill(n_batch, chunk)
+    tail = min(tail, short)
+    work = [SeqWork(10 + i, i, decode=True) for i in range(min(decodes, n_batch - short))]
+    work += [SeqWork(0, 100, prefill=long + short), SeqWork(1, 101, prefill=tail)]
+    plan = dict(plan_tick(work, n_batch, chunk))
+    assert plan[1] == tail and 0 not in plan
+    after = [w for w in work if w.seq_id != 1]
+    assert dict(plan_tick(after, n_batch, chunk))[0] == min(long + short, n_batch - len(after) + 1, chunk or n_batch)
+
+
+def test_short_prefill_threshold():
+    assert short_prefill(512) == 64
+    assert short_prefill(512, 16) == 16
+    assert short_prefill(4) == 1
