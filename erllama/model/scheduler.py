@@ -2,16 +2,15 @@
 
 Pure: the model actor describes each in-flight sequence as :class:`SeqWork` and applies the
 plan. Decode rows (one token each) come first, so generation never waits behind a long
-prefill; prefill slices fill the rest of the ``n_batch`` budget, each at most
-``prefill_chunk`` tokens: first the *short* prefills (what is left fits in one slice of at
-most ``n_batch // 8`` tokens: typically a cache hit's uncached tail), each group in
-admission order; a tick that carries short prefills carries no slice of a long one, so it
-stays short. A cache hit admitted beside a cold prompt thus gets its first token one short
-tick after the current one, instead of after the whole cold prefill; a short prefill is done
-in the tick that takes it, so each one delays the long prefills by one short tick. Unlike
-the Erlang original,
-more decode rows than the budget do not crash the model: the rows that do not fit go first
-in the next tick.
+prefill; prefill slices fill the rest of the ``n_batch`` budget in admission order, each at
+most ``prefill_chunk`` tokens. A tick takes either the *short* prefills (what is left fits in
+``short_prefill(n_batch, prefill_chunk)`` tokens: typically a cache hit's uncached tail) or,
+when there are none, the long ones, so a tick that carries a short prefill stays short: a
+cache hit admitted beside a cold prompt gets its first token one short tick after the
+current one instead of after the whole cold prefill, and since a short prefill is done in
+the tick that takes it, each one delays the long prefills by one short tick. Unlike the
+Erlang original, more decode rows than the budget do not crash the model: the rows that do
+not fit go first in the next tick.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class SeqWork:
 
 
 def short_prefill(n_batch: int, prefill_chunk: int | None = None) -> int:
-    """The most prefill tokens that count as short (planned before the others)."""
+    """The most prefill tokens left that count as short (a tick takes these before any long one)."""
     return max(1, min(n_batch // 8, prefill_chunk or n_batch))
 
 
@@ -51,8 +50,8 @@ def plan_tick(work: Sequence[SeqWork], n_batch: int, prefill_chunk: int | None =
         raise ValueError(msg)
     decodes = sorted((w for w in work if w.decode), key=lambda w: w.order)
     short = short_prefill(n_batch, prefill_chunk)
-    prefills = sorted((w for w in work if not w.decode and w.prefill > 0),
-                      key=lambda w: (w.prefill > short, w.order))
+    waiting = sorted((w for w in work if not w.decode and w.prefill > 0), key=lambda w: w.order)
+    prefills = [w for w in waiting if w.prefill <= short] or waiting
     plan: list[tuple[int, int]] = []
     if len(decodes) > n_batch:
         start = (tick * n_batch) % len(decodes)
@@ -60,12 +59,10 @@ def plan_tick(work: Sequence[SeqWork], n_batch: int, prefill_chunk: int | None =
         return [(w.seq_id, 1) for w in rotated[:n_batch]]
     plan.extend((w.seq_id, 1) for w in decodes)
     budget = n_batch - len(decodes)
-    took_short = False
     for w in prefills:
-        if budget <= 0 or (took_short and w.prefill > short):
+        if budget <= 0:
             break
         n = min(w.prefill, budget, prefill_chunk or w.prefill)
         plan.append((w.seq_id, n))
         budget -= n
-        took_short = took_short or w.prefill <= short
     return plan
